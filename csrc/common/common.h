@@ -1,0 +1,61 @@
+// Shared helpers for ember's CUDA kernels: dtype codes (kept in sync with
+// python/ember/ops/_ext.py), error checking and dtype dispatch.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace ember {
+
+// Dtype codes passed from Python as integers. Must match DTYPE_CODES in _ext.py.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat8E4M3 = 3 };
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("ember: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+// Call after every launch: reports bad launch configurations at the call site.
+inline void check_launch(const char* kernel_name) {
+  check_cuda(cudaGetLastError(), kernel_name);
+}
+
+inline cudaStream_t as_stream(std::intptr_t stream) {
+  return reinterpret_cast<cudaStream_t>(stream);
+}
+
+template <typename T>
+inline T* as_ptr(std::intptr_t ptr) {
+  return reinterpret_cast<T*>(ptr);
+}
+
+[[noreturn]] inline void unsupported_dtype(const char* op, int code) {
+  throw std::invalid_argument(std::string("ember: ") + op + ": unsupported dtype code " +
+                              std::to_string(code));
+}
+
+}  // namespace ember
+
+// Expands BODY with `scalar_t` bound to the 16-bit float type of CODE.
+#define EMBER_DISPATCH_HALF_TYPES(CODE, OP_NAME, ...)                    \
+  [&] {                                                                  \
+    switch (static_cast<::ember::DType>(CODE)) {                         \
+      case ::ember::DType::kFloat16: {                                   \
+        using scalar_t = __half;                                         \
+        return __VA_ARGS__();                                            \
+      }                                                                  \
+      case ::ember::DType::kBFloat16: {                                  \
+        using scalar_t = __nv_bfloat16;                                  \
+        return __VA_ARGS__();                                            \
+      }                                                                  \
+      default:                                                           \
+        ::ember::unsupported_dtype(OP_NAME, CODE);                       \
+    }                                                                    \
+  }()

@@ -1,0 +1,1 @@
+"""Decoder-only model definitions and checkpoint loaders."""

@@ -1,0 +1,99 @@
+"""KV-cache data movement: ``store_kvcache``."""
+
+import torch
+
+from ember.ops import _ext, _registry, reference
+from ember.ops._validation import HALF_DTYPES, check_tensor
+
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
+
+
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
+                  backend="auto"):
+    """Scatter new K/V rows into a paged KV cache, in place.
+
+    Args:
+        k, v: ``[num_tokens, heads_kv, head_dim]`` fp16/bf16; any token/head strides, contiguous
+            head_dim (slices of a fused QKV projection are fine).
+        k_cache, v_cache: ``[num_blocks, block_size, heads_kv, head_dim]``, the dtype of ``k`` or
+            ``torch.float8_e4m3fn``; contiguous head_dim.
+        slot_mapping: int64 ``[num_tokens]``; ``block * block_size + offset`` per token, ``-1``
+            skips the token (padding).
+        k_scale, v_scale: float32 scalar tensors, required for fp8 caches: the cache holds
+            ``value / scale`` saturated to the e4m3 range (±448), rounded to nearest even.
+        backend: "auto", "cuda", "triton" or "torch".
+
+    Slots must be distinct (two tokens writing one slot is a race). Returns ``None``.
+    """
+    _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    chosen = _registry.resolve("store_kvcache", backend, k.device)
+    torch.ops.ember.store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, chosen)
+
+
+def _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    op = "store_kvcache"
+    check_tensor(op, "k", k, dtypes=HALF_DTYPES, ndim=3, last_dim_contiguous=True)
+    num_tokens, heads, head_dim = k.shape
+    dev = k.device
+    check_tensor(op, "v", v, dtypes=(k.dtype,), shape=k.shape, device=dev, last_dim_contiguous=True)
+    if head_dim % 8 != 0:
+        raise ValueError(f"{op}: head_dim must be a multiple of 8, got {head_dim}")
+    cache_dtypes = (k.dtype, FP8_CACHE_DTYPE)
+    check_tensor(op, "k_cache", k_cache, dtypes=cache_dtypes, ndim=4, device=dev,
+                 last_dim_contiguous=True)
+    check_tensor(op, "k_cache", k_cache, shape=(None, None, heads, head_dim))
+    check_tensor(op, "v_cache", v_cache, dtypes=(k_cache.dtype,), shape=k_cache.shape, device=dev,
+                 last_dim_contiguous=True)
+    check_tensor(op, "slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(num_tokens,),
+                 device=dev)
+    if k_cache.dtype == FP8_CACHE_DTYPE:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is None:
+                raise ValueError(f"{op}: {name} is required for a float8_e4m3fn cache")
+            check_tensor(op, name, scale, dtypes=(torch.float32,), device=dev)
+            if scale.numel() != 1:
+                raise ValueError(f"{op}: {name} must hold one value, got shape {tuple(scale.shape)}")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"{op}: k_scale/v_scale are only valid with a float8_e4m3fn cache")
+    # Vector loads need 16-byte aligned rows.
+    for name, t in (("k", k), ("v", v)):
+        if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            raise ValueError(f"{op}: {name} rows must be 16-byte aligned (strides multiple of 8)")
+    # Host-side bounds check of the slots: one small device->host copy, cheaper than a fault.
+    if num_tokens:
+        capacity = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = torch.aminmax(slot_mapping)
+        if int(lo) < -1 or int(hi) >= capacity:
+            raise ValueError(f"{op}: slot_mapping values must be -1 or in [0, {capacity}), "
+                             f"got range [{int(lo)}, {int(hi)}]")
+
+
+@torch.library.custom_op("ember::store_kvcache", mutates_args=("k_cache", "v_cache"))
+def _store_kvcache_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                      backend: str) -> None:
+    _registry.implementation("store_kvcache", backend)(
+        k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+@_store_kvcache_op.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend):
+    return None
+
+
+def _store_kvcache_cuda(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    _ext.load_extension().store_kvcache(
+        k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        slot_mapping.data_ptr(), _ext.ptr(k_scale), _ext.ptr(v_scale),
+        k.shape[0], k.shape[1], k.shape[2], k_cache.shape[1],
+        k.stride()[:2], v.stride()[:2], k_cache.stride()[:3], v_cache.stride()[:3],
+        _ext.dtype_code(k), _ext.dtype_code(k_cache), _ext.stream_of(k))
+
+
+_registry.register(
+    "store_kvcache",
+    cuda=_store_kvcache_cuda,
+    triton="ember.triton_kernels.store_kvcache:store_kvcache",
+    torch=reference.store_kvcache,
+)
