@@ -1,49 +1,16 @@
-// ember._C: pybind11 bindings. Every function takes device pointers, sizes, strides (in
-// elements), dtype codes and the CUDA stream as integers; python/ember/ops validates tensors
-// before calling in. Nothing here links libtorch.
+// ember._C: the pybind11 module. Each op family registers its own functions from a
+// bind_<family>() in its folder, so families never edit each other's files.
+//
+// Every binding takes device pointers, sizes, strides (in elements), dtype codes and the CUDA
+// stream as integers; python/ember/ops validates tensors before calling in. Nothing here
+// links libtorch.
 #include <pybind11/pybind11.h>
 
-#include "kvcache/store_kvcache.h"
-
-namespace py = pybind11;
-using std::intptr_t;
-
-namespace {
-
-void store_kvcache_binding(intptr_t k, intptr_t v, intptr_t k_cache, intptr_t v_cache,
-                           intptr_t slot_mapping, intptr_t k_scale, intptr_t v_scale,
-                           int64_t num_tokens, int64_t num_heads, int64_t head_dim,
-                           int64_t block_size, py::tuple k_strides, py::tuple v_strides,
-                           py::tuple kc_strides, py::tuple vc_strides, int input_dtype,
-                           int cache_dtype, intptr_t stream) {
-  ember::StoreKVCacheParams p{};
-  p.k = reinterpret_cast<const void*>(k);
-  p.v = reinterpret_cast<const void*>(v);
-  p.k_cache = reinterpret_cast<void*>(k_cache);
-  p.v_cache = reinterpret_cast<void*>(v_cache);
-  p.slot_mapping = reinterpret_cast<const int64_t*>(slot_mapping);
-  p.k_scale = reinterpret_cast<const float*>(k_scale);
-  p.v_scale = reinterpret_cast<const float*>(v_scale);
-  p.num_tokens = num_tokens;
-  p.num_heads = num_heads;
-  p.head_dim = head_dim;
-  p.block_size = block_size;
-  p.k_stride_token = k_strides[0].cast<int64_t>();
-  p.k_stride_head = k_strides[1].cast<int64_t>();
-  p.v_stride_token = v_strides[0].cast<int64_t>();
-  p.v_stride_head = v_strides[1].cast<int64_t>();
-  p.kc_stride_block = kc_strides[0].cast<int64_t>();
-  p.kc_stride_slot = kc_strides[1].cast<int64_t>();
-  p.kc_stride_head = kc_strides[2].cast<int64_t>();
-  p.vc_stride_block = vc_strides[0].cast<int64_t>();
-  p.vc_stride_slot = vc_strides[1].cast<int64_t>();
-  p.vc_stride_head = vc_strides[2].cast<int64_t>();
-  ember::store_kvcache(p, input_dtype, cache_dtype, stream);
-}
-
-}  // namespace
+namespace ember {
+void bind_kvcache(pybind11::module_& m);
+}  // namespace ember
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ember CUDA kernels (raw-pointer bindings; use ember.ops instead)";
-  m.def("store_kvcache", &store_kvcache_binding, "Scatter K/V rows into a paged cache");
+  ember::bind_kvcache(m);
 }
