@@ -6,7 +6,7 @@ Bytes per token: 2 * heads * head_dim * (in_bytes + cache_bytes) + 8; no FLOPs.
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
