@@ -12,10 +12,57 @@ How an op module is laid out (see kvcache.py):
 """
 
 from ember.ops._registry import available_backends, ops
+from ember.ops.attention import (
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    merge_attn_states,
+)
+from ember.ops.activation import silu_and_mul
 from ember.ops.kvcache import store_kvcache
+from ember.ops.moe import fused_moe, grouped_gemm, moe_align
+from ember.ops.norm import fused_add_rms_norm, rms_norm
+from ember.ops.quant import (
+    fp8_gemm,
+    quantize_fp8,
+    quantize_int4,
+    quantize_int8,
+    w4a16_gemm,
+    w8a16_gemm,
+)
+from ember.ops.rotary import rotary_embedding
+from ember.ops.sampling import sample, speculative_accept
+from ember.ops.sparse import compress_24, prune_24, sparse24_gemm
 
 __all__ = [
     "available_backends",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "merge_attn_states",
     "ops",
     "store_kvcache",
+    # MoE
+    "fused_moe",
+    "grouped_gemm",
+    "moe_align",
+    # Quantized GEMMs
+    "fp8_gemm",
+    "quantize_fp8",
+    "quantize_int4",
+    "quantize_int8",
+    "w4a16_gemm",
+    "w8a16_gemm",
+    # 2:4 sparsity
+    "compress_24",
+    "prune_24",
+    "sparse24_gemm",
+    # Engine glue
+    "fused_add_rms_norm",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    # Sampling
+    "sample",
+    "speculative_accept",
 ]

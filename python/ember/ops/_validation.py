@@ -78,6 +78,26 @@ def check_positive_int(op: str, name: str, value, *, allow_zero: bool = False) -
     return value
 
 
+def check_fp8_scales(op: str, cache: torch.Tensor, k_scale, v_scale) -> None:
+    """A float8_e4m3fn cache needs float32 one-element ``k_scale``/``v_scale`` on its device;
+    any other cache takes none."""
+    if cache.dtype == torch.float8_e4m3fn:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is None:
+                raise ValueError(f"{op}: {name} is required for a float8_e4m3fn cache")
+            check_tensor(op, name, scale, dtypes=(torch.float32,), device=cache.device)
+            if scale.numel() != 1:
+                raise ValueError(f"{op}: {name} must hold one value, got shape {tuple(scale.shape)}")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"{op}: k_scale/v_scale are only valid with a float8_e4m3fn cache")
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_window(op: str, window_size) -> tuple[int, int]:
     """``window_size=(left, right)``; -1 means unbounded on that side."""
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):

@@ -1,0 +1,61 @@
+"""Paged attention of one layer over a flat batch: the only place models call attention ops.
+
+A step's batch is flat: ``num_tokens`` rows, the single-token decodes first, then the prompt
+chunks (prefills, chunked prefills, recomputes after preemption). Everything goes through
+``flash_attn_with_kvcache`` over the paged cache, which writes the new tokens' K/V at the end
+of each sequence's cached tokens and attends to all of them, causally aligned bottom-right (a
+chunk sees the sequence's earlier tokens and its own up to itself): one batched call for the
+decodes (Flash-Decoding, the call CUDA graphs capture) and one append call per chunk.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ember import ops
+
+
+@dataclass
+class AttentionMetadata:
+    """What each query attends to and where the new K/V go.
+
+    num_decodes: the first ``num_decodes`` rows are one-token decodes.
+    decode_cached: int32 ``[num_decodes]``, tokens already cached before each decode's token.
+    decode_block_table: int32 ``[num_decodes, max_blocks]``.
+    chunks: per prompt chunk, host ints ``(first row, num_tokens, tokens already cached)``.
+    chunk_block_table: int32 ``[num_chunks, max_blocks]``.
+    """
+
+    num_decodes: int = 0
+    decode_cached: torch.Tensor | None = None
+    decode_block_table: torch.Tensor | None = None
+    chunks: list = field(default_factory=list)
+    chunk_block_table: torch.Tensor | None = None
+
+
+def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, *, softmax_scale: float,
+                    window: int | None, backend: str) -> torch.Tensor:
+    """Causal attention of a flat batch over the paged cache, storing the new K/V.
+
+    q: ``[num_tokens, heads_q, head_dim]``; k, v: ``[num_tokens, heads_kv, head_dim]`` (the new
+    tokens); k_cache, v_cache: ``[num_blocks, block_size, heads_kv, head_dim]``, updated in
+    place. ``window``: Hugging Face's sliding window (a query sees that many most recent keys,
+    itself included) or None. Returns ``[num_tokens, heads_q, head_dim]``.
+    """
+    window_size = (-1, -1) if window is None else (window - 1, 0)
+    common = dict(softmax_scale=softmax_scale, causal=True, window_size=window_size,
+                  backend=backend)
+    parts = []
+    nd = meta.num_decodes
+    if nd:
+        out = ops.flash_attn_with_kvcache(
+            q[:nd, None], k_cache, v_cache, k=k[:nd, None], v=v[:nd, None],
+            cache_seqlens=meta.decode_cached, block_table=meta.decode_block_table, **common)
+        parts.append(out[:, 0])
+    for i, (start, length, cached) in enumerate(meta.chunks):
+        rows = slice(start, start + length)
+        out = ops.flash_attn_with_kvcache(
+            q[None, rows], k_cache, v_cache, k=k[None, rows], v=v[None, rows],
+            cache_seqlens=cached, block_table=meta.chunk_block_table[i:i + 1], **common)
+        parts.append(out[0])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,185 @@
+"""The Llama decoder, also covering Mistral, Qwen2 (QKV bias) and Qwen3 (per-head QK RMSNorm).
+
+Written with ``ember.ops`` over a flat batch of tokens (no batch/padding dimension): the model
+runner hands in token ids, their positions, the attention metadata of the step and the paged KV
+cache of every layer. Q/K/V and gate/up are single fused projections; ``load_weights`` stacks
+Hugging Face's separate ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` into them.
+"""
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember import ops
+from ember.models.attention import AttentionMetadata, paged_attention
+from ember.models.config import ModelConfig
+from ember.models.rope import cos_sin_cache
+
+# Hugging Face projection name -> (our fused parameter, shard index inside it).
+STACKED_PROJECTIONS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class FusedLinear(nn.Linear):
+    """A Linear whose output rows are several projections stacked (``shard_sizes`` rows each)."""
+
+    def __init__(self, in_features: int, shard_sizes: list, bias: bool):
+        super().__init__(in_features, sum(shard_sizes), bias=bias)
+        self.shard_sizes = list(shard_sizes)
+
+    def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
+        start = sum(self.shard_sizes[:index])
+        return param.narrow(0, start, self.shard_sizes[index])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, backend: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``rms_norm(x)``, or with ``residual``: ``(rms_norm(x + residual), x + residual)``."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps, backend=self.backend)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, window: int | None, backend: str):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = FusedLinear(config.hidden_size,
+                                    [config.q_size, config.kv_size, config.kv_size],
+                                    bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend)
+        self.scale = config.head_dim ** -0.5
+        self.window = window
+        self.backend = backend
+
+    def forward(self, positions, x, meta: AttentionMetadata, kv_cache, cos_sin):
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = ops.rotary_embedding(positions, q, k, cos_sin, is_neox=True, backend=self.backend)
+        out = paged_attention(q, k, v, *kv_cache, meta, softmax_scale=self.scale,
+                              window=self.window, backend=self.backend)
+        return self.o_proj(out.reshape(n, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, backend: str):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = FusedLinear(config.hidden_size, [size, size], bias=False)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.backend = backend
+
+    def forward(self, x):
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x), backend=self.backend))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, window: int | None, backend: str):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, window, backend)
+        self.mlp = LlamaMLP(config, backend)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+
+    def forward(self, positions, x, residual, meta, kv_cache, cos_sin):
+        # The residual stream is carried separately so each norm fuses the preceding add.
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta, kv_cache, cos_sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder over a flat batch.
+
+    ``forward(input_ids, positions, meta, kv_caches)``: input_ids and positions int64
+    ``[num_tokens]``; ``kv_caches[i]`` the ``(k_cache, v_cache)`` of layer ``i``; returns the
+    final hidden states ``[num_tokens, hidden]``. ``compute_logits(hidden)`` gives float32
+    ``[rows, vocab]``. ``max_positions`` bounds the rotary table (the engine's max_model_len).
+    """
+
+    def __init__(self, config: ModelConfig, max_positions: int, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, config.layer_windows[i], backend)
+            for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Angles in float32, cos/sin rounded to the weights' dtype as transformers does.
+        table = cos_sin_cache(config, max_positions).to(self.embed_tokens.weight.dtype)
+        self.register_buffer("cos_sin_cache", table, persistent=False)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer(positions, x, residual, meta, kv_cache, self.cos_sin_cache)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    def load_weights(self, weights: Iterable) -> None:
+        """Copy Hugging Face-named tensors ``(name, tensor)`` into the parameters.
+
+        Raises ValueError on an unknown name, a shape mismatch or a parameter left unset.
+        """
+        params = dict(self.named_parameters())
+        # Every (parameter, shard) that must be filled; shard None is a whole parameter.
+        unset = set()
+        for pname in params:
+            owner = self.get_submodule(pname.rpartition(".")[0])
+            shards = range(len(owner.shard_sizes)) if isinstance(owner, FusedLinear) else [None]
+            unset.update((pname, shard) for shard in shards)
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # some tied checkpoints store the head anyway
+            target, shard = name, None
+            for hf_proj, (fused, index) in STACKED_PROJECTIONS.items():
+                if f".{hf_proj}." in name:
+                    target, shard = name.replace(f".{hf_proj}.", f".{fused}."), index
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} does not belong to a "
+                                 f"{self.config.architecture} model")
+            param = params[target]
+            if shard is not None:
+                param = self.get_submodule(target.rpartition(".")[0]).shard(param, shard)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor)
+            unset.discard((target, shard))
+        if unset:
+            names = sorted(f"{p}[shard {s}]" if s is not None else p for p, s in unset)
+            raise ValueError(f"checkpoint lacks tensors for {names[:8]} ({len(names)} unset)")

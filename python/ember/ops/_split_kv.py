@@ -1,0 +1,93 @@
+"""How many ways to split the KV range of a decode/append attention (Flash-Decoding).
+
+Shared by every backend of ``flash_attn_with_kvcache`` so that ``num_splits=0`` means the same
+thing everywhere. Decode attention is memory-bound: one program per (batch, kv head) reads that
+head's whole cache, so with few sequences and heads most SMs sit idle. Splitting the KV range
+into ``num_splits`` slices run by separate programs fills the GPU, at the price of writing each
+slice's partial output and LSE to a workspace and merging them in a second small kernel.
+
+Partition rule (every backend follows it, so results do not depend on the backend's grid): a
+sequence whose attended keys span ``T`` KV tiles of ``block_n`` keys gives split ``s`` the tiles
+``[s * ceil(T / S), min((s + 1) * ceil(T / S), T))``; splits past the end are empty and must
+write ``lse = -inf`` (and a zero partial output) so that merging ignores them. ``T`` is taken
+per sequence in the kernel (from ``cache_seqlens``, read on the device), while the split count
+comes from shapes only: computing it never syncs with the GPU, so it works in CUDA graphs.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+# Streaming programs are light (a few warps, modest shared memory), so two of them fit on an SM;
+# with two resident the loads of one hide the softmax/merge latency of the other.
+PROGRAMS_PER_SM = 2
+# Beyond this many splits the workspace traffic and merge cost outgrow what extra programs win.
+MAX_AUTO_SPLITS = 128
+# Already this close to a full wave of programs without splitting: splitting cannot pay.
+FULL_ENOUGH = 0.8
+# Among split counts, take the smallest whose wave efficiency is this close to the best one.
+EFFICIENCY_SLACK = 0.85
+# When kernels run under the Triton CPU interpreter there are no SMs; plan as for an H100
+# (132 SMs), so the CPU tests take the same split decisions as the reference GPU.
+NOMINAL_SMS = 132
+
+
+class SplitPlan(NamedTuple):
+    """``num_splits`` programs per (batch, kv head, query block); ``tiles_per_split`` KV tiles
+    each for the longest possible sequence (shorter sequences re-divide their own tiles)."""
+    num_splits: int
+    tiles_per_split: int
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Number of SMs of ``device``; ``NOMINAL_SMS`` for a non-CUDA device (Triton interpreter)."""
+    if device.type != "cuda":
+        return NOMINAL_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
+
+
+def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, block_n: int, *,
+                num_splits: int = 0, m_blocks: int = 1) -> SplitPlan:
+    """Choose the split count of the KV range, or take the caller's ``num_splits`` if > 0.
+
+    Args:
+        num_sms: SMs on the device (``sm_count(device)``).
+        batch, heads_kv: sequences and KV heads; one program per (sequence, kv head) per split.
+        max_seqlen_k: the most keys a sequence can have (the cache capacity, from shapes).
+        block_n: keys per KV tile of the kernel.
+        num_splits: 0 chooses; a positive value is honoured as given, even if it exceeds the
+            number of tiles (the extra splits are empty).
+        m_blocks: query-row blocks per (sequence, kv head), which already multiply the programs.
+
+    Returns a ``SplitPlan``; ``tiles_per_split`` is ``ceil(tiles / num_splits)`` (at least 1).
+    """
+    tiles = max(1, math.ceil(max_seqlen_k / block_n))
+    if num_splits > 0:
+        return SplitPlan(num_splits, max(1, math.ceil(tiles / num_splits)))
+    slots = PROGRAMS_PER_SM * num_sms
+    work = batch * heads_kv * m_blocks
+    if tiles == 1 or work >= FULL_ENOUGH * slots:
+        return SplitPlan(1, tiles)
+
+    def efficiency(s: int) -> float:
+        # Fraction of the last wave of programs that is busy; 1.0 means whole waves.
+        waves = work * s / slots
+        return waves / math.ceil(waves)
+
+    # Beyond two waves of programs, more splits only add workspace traffic. A split count is
+    # worth considering only if it shortens the longest split: otherwise the same wall time is
+    # spent with more workspace traffic too.
+    most = min(MAX_AUTO_SPLITS, tiles, max(1, 2 * slots // work))
+    candidates = [s for s in range(1, most + 1)
+                  if s == 1 or math.ceil(tiles / s) < math.ceil(tiles / (s - 1))]
+    best = max(efficiency(s) for s in candidates)
+    chosen = next(s for s in candidates if efficiency(s) >= EFFICIENCY_SLACK * best)
+    return SplitPlan(chosen, math.ceil(tiles / chosen))

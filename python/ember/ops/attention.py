@@ -1,0 +1,580 @@
+"""Attention (forward): ``flash_attn_func``, ``flash_attn_varlen_func``,
+``flash_attn_with_kvcache`` and ``merge_attn_states``, with flash-attn 2.x names and semantics.
+
+Contract shared by ``reference.py``, the public functions below and every backend:
+
+- NHD layout: q ``[batch, seqlen_q, heads_q, d]``, k/v ``[batch, seqlen_k, heads_kv, d]``;
+  varlen tensors are ``[total_tokens, heads, d]`` with int32 ``cu_seqlens [batch + 1]``.
+- GQA/MQA: query head h reads kv head ``h // (heads_q // heads_kv)``; kernels index it, they
+  never materialise repeated K/V.
+- Masks align bottom-right: for lengths (sq, sk), query row i sits at key position
+  ``i + sk - sq``. causal: ``j <= i + sk - sq``; window ``(left, right)`` (-1 unbounded):
+  ``i + sk - sq - left <= j <= i + sk - sq + right``. A row that sees no key outputs zeros and
+  has lse = -inf.
+- lse: float32 natural log of ``sum_j exp(scale * q.k_j)``, ``[batch, heads_q, seqlen_q]``
+  (varlen and merge: ``[heads_q, total_q]``).
+
+Backend implementations (registered at the bottom of this file) receive inputs that the public
+functions have validated, with defaults resolved, and always return ``(out, lse)``: ``out`` a
+new contiguous tensor shaped and typed like q, ``lse`` a new contiguous float32 tensor.
+
+- ``"flash_attn_func"``: ``f(q, k, v, softmax_scale, causal, window_left, window_right)``
+- ``"flash_attn_varlen_func"``: ``f(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+  max_seqlen_k, softmax_scale, causal, window_left, window_right)``
+- ``"flash_attn_varlen_func.paged"``: the same arguments followed by ``block_table``; k/v are
+  then paged caches ``[num_blocks, block_size, heads_kv, d]``.
+- ``"flash_attn_with_kvcache"``: ``f(q, k_cache, v_cache, seqlens_k, block_table,
+  softmax_scale, causal, window_left, window_right, num_splits, tree_mask, k_scale, v_scale)``.
+  New k/v are already in the cache (the public function writes them through ``store_kvcache``),
+  so this is read-only; ``seqlens_k`` (int32 ``[batch]``) counts all keys to attend to;
+  ``block_table``, ``tree_mask``, ``k_scale``, ``v_scale`` may be None.
+- ``"merge_attn_states"``: ``f(out_a, lse_a, out_b, lse_b)``.
+
+What a kernel backend may assume (anything else goes to the torch backend under "auto", or is
+refused with a ValueError under an explicit backend): q/k/v/out dtypes float16 or bfloat16
+(caches may be float8_e4m3fn), head_dim in ``KERNEL_HEAD_DIMS``, page sizes a multiple of
+``KERNEL_BLOCK_SIZE_MULTIPLE``, unit stride on head_dim (other strides arbitrary), index
+tensors (cu_seqlens, block_table, seqlens_k, tree_mask, merge lse) contiguous and within
+bounds, ``causal`` implies ``window_right == 0``, tree_mask implies ``causal`` is False, and at
+least one query row (empty queries return before any backend runs). Kernels must still handle
+zero-length sequences and rows that see no key.
+"""
+
+import torch
+
+from ember.ops import _registry, reference
+from ember.ops._validation import (
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    check_bool,
+    check_fp8_scales,
+    check_positive_int,
+    check_softmax_scale,
+    check_tensor,
+    check_window,
+)
+from ember.ops.kvcache import FP8_CACHE_DTYPE
+
+# The torch backend also takes float32; the kernels take KERNEL_DTYPES.
+ATTN_DTYPES = FLOAT_DTYPES
+KERNEL_DTYPES = HALF_DTYPES
+KERNEL_HEAD_DIMS = (64, 96, 128, 256)
+KERNEL_BLOCK_SIZE_MULTIPLE = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    return_lse=False, *, backend="auto"):
+    """Scaled dot-product attention over padded batches (flash-attn's ``flash_attn_func``).
+
+    Args:
+        q: ``[batch, seqlen_q, heads_q, head_dim]`` float16/bfloat16 (float32 on the torch
+            backend); unit stride on head_dim.
+        k, v: ``[batch, seqlen_k, heads_kv, head_dim]``, q's dtype; ``heads_q % heads_kv == 0``
+            (GQA/MQA).
+        softmax_scale: scale of ``q.k``; default ``1 / sqrt(head_dim)``.
+        causal: hide keys after each query's position, aligned bottom-right when
+            ``seqlen_q != seqlen_k`` (query row i sits at key position ``i + seqlen_k - seqlen_q``).
+        window_size: ``(left, right)`` sliding window around that position; -1 is unbounded.
+        return_lse: also return the float32 log-sum-exp ``[batch, heads_q, seqlen_q]``.
+        backend: "auto", "cuda", "triton" or "torch".
+
+    Returns:
+        out ``[batch, seqlen_q, heads_q, head_dim]`` in q's dtype, or ``(out, lse)``. Rows that
+        see no key are zeros with lse = -inf.
+
+    Example::
+
+        q = torch.randn(2, 128, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k = v = torch.randn(2, 128, 8, 128, device="cuda", dtype=torch.bfloat16)
+        out = ember.ops.flash_attn_func(q, k, v, causal=True)
+    """
+    op = "flash_attn_func"
+    check_tensor(op, "q", q, dtypes=ATTN_DTYPES, ndim=4, last_dim_contiguous=True)
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    check_tensor(op, "k", k, dtypes=(q.dtype,), ndim=4, device=q.device,
+                 last_dim_contiguous=True)
+    check_tensor(op, "k", k, shape=(batch, None, None, head_dim))
+    check_tensor(op, "v", v, dtypes=(q.dtype,), shape=k.shape, device=q.device,
+                 last_dim_contiguous=True)
+    _check_heads(op, heads_q, k.shape[2], head_dim)
+    scale, causal, left, right = _check_options(op, softmax_scale, causal, window_size, head_dim)
+    check_bool(op, "return_lse", return_lse)
+
+    chosen = _choose_backend(op, op, backend, q.device, kernel_unsupported(q.dtype, head_dim))
+    if q.numel() == 0:
+        out, lse = _flash_attn_fake(q, k, v, scale, causal, left, right, chosen)
+    else:
+        out, lse = torch.ops.ember.flash_attn_func(q, k, v, scale, causal, left, right, chosen)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           softmax_scale=None, causal=False, window_size=(-1, -1),
+                           return_lse=False, block_table=None, *, backend="auto"):
+    """Attention over packed variable-length sequences (flash-attn's ``flash_attn_varlen_func``).
+
+    Args:
+        q: ``[total_q, heads_q, head_dim]`` float16/bfloat16 (float32 on the torch backend):
+            the queries of every sequence back to back; unit stride on head_dim.
+        k, v: ``[total_k, heads_kv, head_dim]`` in q's dtype; or, with ``block_table``, paged
+            caches ``[num_blocks, block_size, heads_kv, head_dim]``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]``, contiguous: sequence b owns rows
+            ``cu[b]:cu[b+1]``; start at 0, non-decreasing, ``cu_seqlens_q[-1] == total_q``
+            (and ``cu_seqlens_k[-1] == total_k`` unless paged). Zero-length sequences are fine.
+        max_seqlen_q, max_seqlen_k: ints at least the longest query / key sequence.
+        softmax_scale, causal, window_size: as in ``flash_attn_func``, applied per sequence
+            (bottom-right aligned with that sequence's own lengths).
+        return_lse: also return the float32 log-sum-exp ``[heads_q, total_q]``.
+        block_table: int32 ``[batch, max_blocks]``, contiguous: key j of sequence b lives in
+            block ``block_table[b, j // block_size]`` at offset ``j % block_size``.
+        backend: "auto", "cuda", "triton" or "torch".
+
+    Returns:
+        out ``[total_q, heads_q, head_dim]`` in q's dtype, or ``(out, lse)``.
+
+    Example::
+
+        cu = torch.tensor([0, 5, 12], dtype=torch.int32, device="cuda")
+        q = torch.randn(12, 8, 64, device="cuda", dtype=torch.float16)
+        out = ember.ops.flash_attn_varlen_func(q, q[:, :2], q[:, :2], cu, cu, 7, 7, causal=True)
+    """
+    op = "flash_attn_varlen_func"
+    paged = block_table is not None
+    check_tensor(op, "q", q, dtypes=ATTN_DTYPES, ndim=3, last_dim_contiguous=True)
+    total_q, heads_q, head_dim = q.shape
+    dev = q.device
+    k_dims = (None, None, None, head_dim) if paged else (None, None, head_dim)
+    check_tensor(op, "k", k, dtypes=(q.dtype,), ndim=len(k_dims), device=dev,
+                 last_dim_contiguous=True)
+    check_tensor(op, "k", k, shape=k_dims)
+    check_tensor(op, "v", v, dtypes=(q.dtype,), shape=k.shape, device=dev,
+                 last_dim_contiguous=True)
+    _check_heads(op, heads_q, k.shape[-2], head_dim)
+    check_tensor(op, "cu_seqlens_q", cu_seqlens_q, dtypes=(torch.int32,), ndim=1, device=dev,
+                 contiguous=True)
+    if cu_seqlens_q.shape[0] < 2:
+        raise ValueError(f"{op}: cu_seqlens_q must have batch + 1 >= 2 entries, "
+                         f"got shape {tuple(cu_seqlens_q.shape)}")
+    batch = cu_seqlens_q.shape[0] - 1
+    check_tensor(op, "cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), shape=(batch + 1,),
+                 device=dev, contiguous=True)
+    check_positive_int(op, "max_seqlen_q", max_seqlen_q, allow_zero=True)
+    check_positive_int(op, "max_seqlen_k", max_seqlen_k, allow_zero=True)
+    if paged:
+        check_tensor(op, "block_table", block_table, dtypes=(torch.int32,), ndim=2, device=dev,
+                     contiguous=True)
+        check_tensor(op, "block_table", block_table, shape=(batch, None))
+    scale, causal, left, right = _check_options(op, softmax_scale, causal, window_size, head_dim)
+    check_bool(op, "return_lse", return_lse)
+
+    # Values are checked on the host: one small copy, cheaper than a fault in a kernel.
+    cu_host = torch.stack([cu_seqlens_q, cu_seqlens_k]).cpu()
+    lengths_q = _check_cu_seqlens(op, "cu_seqlens_q", cu_host[0], total_q, max_seqlen_q,
+                                  "max_seqlen_q")
+    lengths_k = _check_cu_seqlens(op, "cu_seqlens_k", cu_host[1], None if paged else k.shape[0],
+                                  max_seqlen_k, "max_seqlen_k")
+    block_size = k.shape[1] if paged else None
+    if paged:
+        capacity = block_table.shape[1] * block_size
+        if int(lengths_k.max()) > capacity:
+            raise ValueError(f"{op}: cu_seqlens_k has a sequence of {int(lengths_k.max())} keys; "
+                             f"block_table rows hold at most {capacity} "
+                             f"({block_table.shape[1]} blocks of {block_size})")
+        _check_block_table(op, block_table, lengths_k, block_size, k.shape[0])
+
+    registry_op = "flash_attn_varlen_func.paged" if paged else op
+    chosen = _choose_backend(op, registry_op, backend, dev,
+                             kernel_unsupported(q.dtype, head_dim, block_size))
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+            left, right, block_table, chosen)
+    if total_q == 0:
+        out, lse = _flash_attn_varlen_fake(*args)
+    else:
+        out, lse = torch.ops.ember.flash_attn_varlen_func(*args)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
+                            block_table=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), num_splits=0, return_lse=False, tree_mask=None,
+                            k_scale=None, v_scale=None, *, backend="auto"):
+    """Attention of new queries over a KV cache: decode, append and chunked prefill
+    (flash-attn's ``flash_attn_with_kvcache``, plus tree masks and fp8 caches).
+
+    Args:
+        q: ``[batch, seqlen_q, heads_q, head_dim]`` float16/bfloat16 (float32 on the torch
+            backend); unit stride on head_dim.
+        k_cache, v_cache: contiguous-per-sequence ``[batch, max_len, heads_kv, head_dim]``, or
+            paged ``[num_blocks, block_size, heads_kv, head_dim]`` with ``block_table``; dtype
+            q's or ``torch.float8_e4m3fn`` (values are ``cache * scale``).
+        k, v: optional new tokens ``[batch, seqlen_new, heads_kv, head_dim]`` in q's dtype,
+            written into the cache (in place) at positions ``cache_seqlens ..
+            cache_seqlens + seqlen_new - 1`` before attending (fp8 caches store
+            ``value / scale`` saturated to ±448, like ``store_kvcache``).
+        cache_seqlens: int32 ``[batch]`` (or an int): valid cached tokens per sequence *before*
+            the new ones; None means the full capacity (max_len, or max_blocks * block_size).
+        block_table: int32 ``[batch, max_blocks]``: token j of sequence b lives in block
+            ``block_table[b, j // block_size]`` at offset ``j % block_size``.
+        softmax_scale, causal, window_size: as in ``flash_attn_func``; the query rows are the
+            last seqlen_q of the ``cache_seqlens + seqlen_new`` keys (bottom-right alignment).
+        num_splits: split-KV (Flash-Decoding) parts; 0 lets the kernel choose. Same result.
+        return_lse: also return the float32 log-sum-exp ``[batch, heads_q, seqlen_q]``.
+        tree_mask: bool ``[batch, seqlen_q, seqlen_q]`` for tree (speculative) verification:
+            query i sees every key before the last seqlen_q plus last-seqlen_q key t where
+            ``tree_mask[b, i, t]``; replaces ``causal`` (passing both is an error); the window
+            still applies by position. Needs ``cache_seqlens + seqlen_new >= seqlen_q``.
+        k_scale, v_scale: float32 one-element tensors, required exactly for fp8 caches.
+        backend: "auto", "cuda", "triton" or "torch".
+
+    Returns:
+        out ``[batch, seqlen_q, heads_q, head_dim]`` in q's dtype, or ``(out, lse)``.
+
+    Example (decode one token per sequence into a paged cache)::
+
+        out = ember.ops.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new,
+                                                cache_seqlens=lens, block_table=table,
+                                                causal=True)
+    """
+    op = "flash_attn_with_kvcache"
+    paged = block_table is not None
+    check_tensor(op, "q", q, dtypes=ATTN_DTYPES, ndim=4, last_dim_contiguous=True)
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    dev = q.device
+    check_tensor(op, "k_cache", k_cache, dtypes=(q.dtype, FP8_CACHE_DTYPE), ndim=4, device=dev,
+                 last_dim_contiguous=True)
+    check_tensor(op, "k_cache", k_cache, shape=(None if paged else batch, None, None, head_dim))
+    check_tensor(op, "v_cache", v_cache, dtypes=(k_cache.dtype,), shape=k_cache.shape,
+                 device=dev, last_dim_contiguous=True)
+    heads_kv = k_cache.shape[2]
+    _check_heads(op, heads_q, heads_kv, head_dim)
+    check_fp8_scales(op, k_cache, k_scale, v_scale)
+    if paged:
+        check_tensor(op, "block_table", block_table, dtypes=(torch.int32,), ndim=2, device=dev,
+                     contiguous=True)
+        check_tensor(op, "block_table", block_table, shape=(batch, None))
+    block_size = k_cache.shape[1]
+    capacity = block_size * (block_table.shape[1] if paged else 1)
+
+    if (k is None) != (v is None):
+        raise ValueError(f"{op}: k and v must be given together (got only "
+                         f"{'k' if v is None else 'v'})")
+    num_new = 0
+    if k is not None:
+        check_tensor(op, "k", k, dtypes=(q.dtype,), ndim=4, device=dev, last_dim_contiguous=True)
+        check_tensor(op, "k", k, shape=(batch, None, heads_kv, head_dim))
+        check_tensor(op, "v", v, dtypes=(q.dtype,), shape=k.shape, device=dev,
+                     last_dim_contiguous=True)
+        num_new = k.shape[1]
+
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        cached = capacity if cache_seqlens is None else check_positive_int(
+            op, "cache_seqlens", cache_seqlens, allow_zero=True)
+        cached_host = torch.full((batch,), cached, dtype=torch.int64)
+        seqlens = torch.full((batch,), cached, dtype=torch.int32, device=dev)
+    else:
+        check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(batch,),
+                     device=dev, contiguous=True)
+        seqlens = cache_seqlens
+        cached_host = cache_seqlens.cpu().long()  # one small copy for the bounds checks
+    if batch and int(cached_host.min()) < 0:
+        raise ValueError(f"{op}: cache_seqlens must be >= 0, got {int(cached_host.min())}")
+    totals = cached_host + num_new
+    if batch and int(totals.max()) > capacity:
+        where = "max_blocks * block_size" if paged else "k_cache.shape[1]"
+        raise ValueError(f"{op}: cache_seqlens + new tokens ({int(totals.max())}) exceeds the "
+                         f"cache capacity {where} = {capacity}")
+    if paged:
+        _check_block_table(op, block_table, totals, block_size, k_cache.shape[0])
+
+    scale, causal, left, right = _check_options(op, softmax_scale, causal, window_size, head_dim)
+    check_positive_int(op, "num_splits", num_splits, allow_zero=True)
+    check_bool(op, "return_lse", return_lse)
+    if tree_mask is not None:
+        check_tensor(op, "tree_mask", tree_mask, dtypes=(torch.bool,),
+                     shape=(batch, seqlen_q, seqlen_q), device=dev, contiguous=True)
+        if causal:
+            raise ValueError(f"{op}: tree_mask replaces the causal mask; pass causal=False")
+        if batch and int(totals.min()) < seqlen_q:
+            raise ValueError(f"{op}: tree_mask needs cache_seqlens + new tokens >= seqlen_q "
+                             f"({seqlen_q}) in every sequence, got {int(totals.min())}")
+
+    chosen = _choose_backend(op, op, backend, dev,
+                             kernel_unsupported(q.dtype, head_dim, block_size if paged else None))
+    if k is not None:
+        _append_new_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale, chosen)
+        seqlens = seqlens + num_new
+    args = (q, k_cache, v_cache, seqlens, block_table, scale, causal, left, right, num_splits,
+            tree_mask, k_scale, v_scale, chosen)
+    if q.numel() == 0:
+        out, lse = _flash_attn_kvcache_fake(*args)
+    else:
+        out, lse = torch.ops.ember.flash_attn_with_kvcache(*args)
+    return (out, lse) if return_lse else out
+
+
+def merge_attn_states(out_a, lse_a, out_b, lse_b, *, backend="auto"):
+    """Combine two partial attentions of the same queries over disjoint key sets by their LSE
+    (split-KV, or a cached prefix plus new tokens; vLLM's ``merge_attn_states``).
+
+    Args:
+        out_a, out_b: ``[tokens, heads, head_dim]`` float16/bfloat16 (float32 on the torch
+            backend), same dtype; unit stride on head_dim.
+        lse_a, lse_b: float32 ``[heads, tokens]``, contiguous (the lse layout of
+            ``flash_attn_varlen_func``). -inf marks a side that saw no key.
+        backend: "auto", "cuda", "triton" or "torch".
+
+    Returns:
+        ``(out, lse)``: the attention over both key sets, out ``[tokens, heads, head_dim]`` in
+        out_a's dtype and lse float32 ``[heads, tokens]``; rows empty on both sides are zeros
+        with lse -inf (never NaN).
+
+    Example::
+
+        out_p, lse_p = ember.ops.flash_attn_varlen_func(q, k_p, v_p, ..., return_lse=True)
+        out_s, lse_s = ember.ops.flash_attn_varlen_func(q, k_s, v_s, ..., return_lse=True)
+        out, lse = ember.ops.merge_attn_states(out_p, lse_p, out_s, lse_s)
+    """
+    op = "merge_attn_states"
+    check_tensor(op, "out_a", out_a, dtypes=ATTN_DTYPES, ndim=3, last_dim_contiguous=True)
+    tokens, heads, head_dim = out_a.shape
+    dev = out_a.device
+    check_tensor(op, "out_b", out_b, dtypes=(out_a.dtype,), shape=out_a.shape, device=dev,
+                 last_dim_contiguous=True)
+    for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
+        check_tensor(op, name, lse, dtypes=(torch.float32,), shape=(heads, tokens), device=dev,
+                     contiguous=True)
+
+    chosen = _choose_backend(op, op, backend, dev, kernel_unsupported(out_a.dtype, head_dim))
+    if out_a.numel() == 0:
+        return _merge_fake(out_a, lse_a, out_b, lse_b, chosen)
+    return torch.ops.ember.merge_attn_states(out_a, lse_a, out_b, lse_b, chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers (the public functions run them; backends get checked inputs)
+# ----------------------------------------------------------------------------------------------
+
+def kernel_unsupported(dtype: torch.dtype, head_dim: int, block_size: int | None = None):
+    """Why the kernel backends cannot take these inputs, or None if they can."""
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} (kernels take float16/bfloat16)"
+    if head_dim not in KERNEL_HEAD_DIMS:
+        return f"head_dim {head_dim} (kernels take {KERNEL_HEAD_DIMS})"
+    if block_size is not None and block_size % KERNEL_BLOCK_SIZE_MULTIPLE:
+        return f"block_size {block_size} (kernels take multiples of {KERNEL_BLOCK_SIZE_MULTIPLE})"
+    return None
+
+
+def _choose_backend(op, registry_op, backend, device, unsupported):
+    """The backend for ``registry_op``; inputs the kernels cannot take go to torch under
+    "auto" (whatever EMBER_BACKEND prefers) and are refused under an explicit kernel backend."""
+    if unsupported is None:
+        return _registry.resolve(registry_op, backend, device)
+    chosen = _registry.resolve(registry_op, "torch" if backend == "auto" else backend, device)
+    if chosen != "torch":
+        raise ValueError(f"{op}: backend {chosen!r} does not support {unsupported}; "
+                         f"use backend='torch' or 'auto'")
+    return chosen
+
+
+def _check_heads(op, heads_q, heads_kv, head_dim):
+    if heads_q == 0 or heads_kv == 0 or head_dim == 0:
+        raise ValueError(f"{op}: heads and head_dim must be > 0, got heads_q={heads_q}, "
+                         f"heads_kv={heads_kv}, head_dim={head_dim}")
+    if heads_q % heads_kv:
+        raise ValueError(f"{op}: heads of q ({heads_q}) must be a multiple of heads of k/v "
+                         f"({heads_kv})")
+
+
+def _check_options(op, softmax_scale, causal, window_size, head_dim):
+    """Returns ``(scale, causal, window_left, window_right)`` with defaults resolved."""
+    scale = check_softmax_scale(op, softmax_scale, head_dim)
+    check_bool(op, "causal", causal)
+    left, right = check_window(op, window_size)
+    if causal:
+        right = 0  # causal is the window's right edge at the diagonal (as in flash-attn)
+    return scale, causal, left, right
+
+
+def _check_cu_seqlens(op, name, cu, total, max_seqlen, max_name):
+    """Check host copy ``cu`` of a cu_seqlens; returns the per-sequence lengths (int64)."""
+    cu = cu.long()
+    if int(cu[0]) != 0:
+        raise ValueError(f"{op}: {name} must start at 0, got {int(cu[0])}")
+    lengths = cu.diff()
+    if int(lengths.min()) < 0:
+        raise ValueError(f"{op}: {name} must be non-decreasing, got {cu.tolist()}")
+    if total is not None and int(cu[-1]) != total:
+        raise ValueError(f"{op}: {name}[-1] ({int(cu[-1])}) must equal the number of tokens "
+                         f"({total})")
+    if int(lengths.max()) > max_seqlen:
+        raise ValueError(f"{op}: {max_name} ({max_seqlen}) is less than the longest sequence "
+                         f"in {name} ({int(lengths.max())})")
+    return lengths
+
+
+def _check_block_table(op, block_table, lengths, block_size, num_blocks):
+    """Block-table entries that sequences of ``lengths`` (host tensor, already known to fit in
+    a row) use must name real blocks; unused entries may hold anything."""
+    blocks_used = (lengths + block_size - 1) // block_size
+    columns = torch.arange(block_table.shape[1], device=block_table.device)
+    used = columns[None, :] < blocks_used.to(block_table.device)[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad.any()):
+        b, i = bad.nonzero()[0].tolist()
+        raise ValueError(f"{op}: block_table[{b}, {i}] = {int(block_table[b, i])} is in use but "
+                         f"not a block index in [0, {num_blocks})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Appending new tokens (shared by every backend of flash_attn_with_kvcache)
+# ----------------------------------------------------------------------------------------------
+
+def _append_new_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
+                   backend):
+    """Write new tokens ``k, v [b, sn, hkv, d]`` at ``cache_seqlens + t`` of each sequence,
+    through the ``store_kvcache`` op of ``backend`` (torch if it has none)."""
+    batch, num_new, heads_kv, head_dim = k.shape
+    block_size = k_cache.shape[1]
+    positions = cache_seqlens.long()[:, None] + torch.arange(num_new, device=k.device)
+    if block_table is None:
+        # A contiguous cache [b, max_len, ...] is a paged cache of b blocks of max_len tokens.
+        blocks = torch.arange(batch, device=k.device)[:, None].expand(-1, num_new)
+    else:
+        blocks = block_table.long().gather(1, positions // block_size)
+    slots = (blocks * block_size + positions % block_size).reshape(-1)
+    if backend not in _registry.available_backends("store_kvcache"):
+        backend = "torch"
+    torch.ops.ember.store_kvcache(_token_rows(k), _token_rows(v), k_cache, v_cache, slots,
+                                  k_scale, v_scale, backend)
+
+
+def _token_rows(t):
+    """``[b, sn, h, d]`` -> ``[b * sn, h, d]`` rows as store_kvcache takes them."""
+    rows = t.reshape(-1, t.shape[2], t.shape[3])
+    # store_kvcache's CUDA kernel moves 16-byte vectors: realign rows that are not.
+    if rows.data_ptr() % 16 or any(s % 8 for s in rows.stride()[:-1]):
+        rows = rows.clone(memory_format=torch.contiguous_format)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (torch.compile, CUDA graphs) and their fake implementations
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ember::flash_attn_func", mutates_args=())
+def _flash_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                   causal: bool, window_left: int, window_right: int,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _registry.implementation("flash_attn_func", backend)(
+        q, k, v, softmax_scale, causal, window_left, window_right)
+
+
+@_flash_attn_op.register_fake
+def _flash_attn_fake(q, k, v, softmax_scale, causal, window_left, window_right, backend):
+    batch, seqlen_q, heads_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("ember::flash_attn_varlen_func", mutates_args=())
+def _flash_attn_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                          causal: bool, window_left: int, window_right: int,
+                          block_table: torch.Tensor | None,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+            causal, window_left, window_right)
+    if block_table is None:
+        return _registry.implementation("flash_attn_varlen_func", backend)(*args)
+    return _registry.implementation("flash_attn_varlen_func.paged", backend)(*args, block_table)
+
+
+@_flash_attn_varlen_op.register_fake
+def _flash_attn_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, causal, window_left, window_right, block_table,
+                            backend):
+    total_q, heads_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((heads_q, total_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("ember::flash_attn_with_kvcache", mutates_args=())
+def _flash_attn_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           seqlens_k: torch.Tensor, block_table: torch.Tensor | None,
+                           softmax_scale: float, causal: bool, window_left: int,
+                           window_right: int, num_splits: int, tree_mask: torch.Tensor | None,
+                           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _registry.implementation("flash_attn_with_kvcache", backend)(
+        q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal, window_left,
+        window_right, num_splits, tree_mask, k_scale, v_scale)
+
+
+@_flash_attn_kvcache_op.register_fake
+def _flash_attn_kvcache_fake(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
+                             window_left, window_right, num_splits, tree_mask, k_scale, v_scale,
+                             backend):
+    batch, seqlen_q, heads_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("ember::merge_attn_states", mutates_args=())
+def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+              lse_b: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _registry.implementation("merge_attn_states", backend)(out_a, lse_a, out_b, lse_b)
+
+
+@_merge_op.register_fake
+def _merge_fake(out_a, lse_a, out_b, lse_b, backend):
+    return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch backend: adapters from the backend signatures to the references
+# ----------------------------------------------------------------------------------------------
+
+def _flash_attn_torch(q, k, v, softmax_scale, causal, window_left, window_right):
+    return reference.flash_attn_func(q, k, v, softmax_scale, causal, (window_left, window_right),
+                                     return_lse=True)
+
+
+def _flash_attn_varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             softmax_scale, causal, window_left, window_right, block_table=None):
+    return reference.flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        (window_left, window_right), return_lse=True, block_table=block_table)
+
+
+def _flash_attn_kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
+                              window_left, window_right, num_splits, tree_mask, k_scale, v_scale):
+    return reference.flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=seqlens_k, block_table=block_table,
+        softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
+        num_splits=num_splits, return_lse=True, tree_mask=tree_mask, k_scale=k_scale,
+        v_scale=v_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend registrations
+# ----------------------------------------------------------------------------------------------
+
+_registry.register("flash_attn_func", torch=_flash_attn_torch)
+_registry.register("flash_attn_varlen_func", torch=_flash_attn_varlen_torch)
+_registry.register("flash_attn_varlen_func.paged", torch=_flash_attn_varlen_torch)
+_registry.register("flash_attn_with_kvcache", torch=_flash_attn_kvcache_torch)
+_registry.register("merge_attn_states", torch=reference.merge_attn_states)
+
+# ---- Kernel backends: one `_registry.register(...)` line each, below this marker, e.g. ----
+# _registry.register("flash_attn_func", triton="ember.triton_kernels.flash_attn:flash_attn_func")
+# Register an op name only for what the kernel implements in full (see the module docstring).
+_registry.register("flash_attn_with_kvcache",
+                   triton="ember.triton_kernels.decode_attention:flash_attn_with_kvcache")
+_registry.register("merge_attn_states",
+                   triton="ember.triton_kernels.merge_attn_states:merge_attn_states")
+_registry.register("flash_attn_func", triton="ember.triton_kernels.flash_attn:flash_attn")
+_registry.register("flash_attn_varlen_func",
+                   triton="ember.triton_kernels.flash_attn:flash_attn_varlen")

@@ -1,0 +1,64 @@
+"""Rotary position embedding: ``rotary_embedding`` (neox and gpt-j pairings, partial rotary)."""
+
+import torch
+
+from ember.ops import _registry, reference
+from ember.ops._validation import FLOAT_DTYPES, check_bool, check_tensor
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True, *, backend="auto"):
+    """Rotate q and k by their tokens' positions (vLLM's signature); returns new ``(q, k)``.
+
+    Args:
+        positions: int32/int64 ``[T]``, each in ``[0, max_pos)``. Checked on CPU; on a GPU
+            they are not read on the host (no sync) and out-of-range values are clipped.
+        q: ``[T, heads_q, D]`` fp16/bf16/fp32, contiguous last dim.
+        k: ``[T, heads_kv, D]``, q's dtype, contiguous last dim.
+        cos_sin_cache: ``[max_pos, rotary_dim]`` float32 or q's dtype, contiguous:
+            ``cos(pos * f_i)`` for the ``rotary_dim / 2`` frequencies, then ``sin(pos * f_i)``
+            (``reference.rotary_cos_sin_cache`` builds the plain RoPE one). ``rotary_dim`` is
+            even and at most D; features past it are left as they are (partial rotary).
+        is_neox: True pairs feature i with ``i + rotary_dim / 2`` (rotate halves: Llama,
+            Mistral, Qwen, NeoX); False pairs ``2i`` with ``2i + 1`` (GPT-J, interleaved).
+
+    Each pair ``(a, b)`` becomes ``(a cos - b sin, b cos + a sin)`` of angle i, computed in
+    float32. Returns new tensors shaped and typed like q and k.
+    """
+    op = "rotary_embedding"
+    check_tensor(op, "positions", positions, dtypes=(torch.int32, torch.int64), ndim=1)
+    tokens, dev = positions.shape[0], positions.device
+    check_tensor(op, "q", q, dtypes=FLOAT_DTYPES, ndim=3, device=dev, last_dim_contiguous=True)
+    check_tensor(op, "q", q, shape=(tokens, None, None))
+    head_dim = q.shape[2]
+    check_tensor(op, "k", k, dtypes=(q.dtype,), shape=(tokens, None, head_dim), device=dev,
+                 last_dim_contiguous=True)
+    check_tensor(op, "cos_sin_cache", cos_sin_cache, dtypes=(torch.float32, q.dtype), ndim=2,
+                 device=dev, contiguous=True)
+    max_pos, rotary_dim = cos_sin_cache.shape
+    if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
+        raise ValueError(f"{op}: cos_sin_cache's rotary_dim (dim 1) must be even and in "
+                         f"[2, head_dim={head_dim}], got {rotary_dim}")
+    check_bool(op, "is_neox", is_neox)
+    if dev.type == "cpu" and tokens:
+        lo, hi = torch.aminmax(positions)
+        if int(lo) < 0 or int(hi) >= max_pos:
+            raise ValueError(f"{op}: positions must be in [0, {max_pos}) (cos_sin_cache rows), "
+                             f"got range [{int(lo)}, {int(hi)}]")
+    chosen = _registry.resolve(op, backend, dev)
+    return torch.ops.ember.rotary_embedding(positions, q, k, cos_sin_cache, is_neox, chosen)
+
+
+@torch.library.custom_op("ember::rotary_embedding", mutates_args=())
+def _rotary_embedding_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, is_neox: bool,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _registry.implementation("rotary_embedding", backend)(
+        positions, q, k, cos_sin_cache, is_neox)
+
+
+@_rotary_embedding_op.register_fake
+def _(positions, q, k, cos_sin_cache, is_neox, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+_registry.register("rotary_embedding", torch=reference.rotary_embedding)

@@ -1,0 +1,405 @@
+"""flash_attn_with_kvcache (decode / append / tree attention over contiguous and paged KV caches)
+and merge_attn_states, every backend against the torch reference; and the shared split-KV
+heuristic of ember.ops._split_kv.
+
+Tolerance: flash-attn's rule (helpers.assert_within_lowp_error) against the reference run in
+float32 (upcast=True), relative to the reference run in the input dtype (upcast=False). The
+cache after new K/V are written must equal the reference's exactly.
+"""
+
+import math
+from typing import NamedTuple
+
+import pytest
+import torch
+from helpers import assert_within_lowp_error, backends_to_test
+
+import ember
+from ember.ops import _split_kv, reference
+
+FP8 = torch.float8_e4m3fn
+
+
+def _backend_params(op):
+    # The torch backend is the reference itself; on a GPU both kernel backends are tested.
+    return backends_to_test(op, cpu_backends=("triton",), gpu_backends=("cuda", "triton"))
+
+
+def _skip_unimplemented(op, backend):
+    if backend not in ember.ops.available_backends(op):
+        pytest.skip(f"{op} has no {backend} backend")
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float tensor the op allocates (outputs, split workspaces) starts as NaN, so an
+    element a kernel fails to write shows up as NaN in the result."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+# ----------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache
+# ----------------------------------------------------------------------------------------------
+
+class Case(NamedTuple):
+    batch: int = 2
+    cache_lens: tuple = (37, 100)  # cached tokens before the new ones, cycled over the batch
+    seqlen_q: int = 1
+    heads: tuple = (4, 2)  # (heads_q, heads_kv)
+    head_dim: int = 64
+    block_size: int | None = None  # None: contiguous cache
+    new_kv: bool = True  # pass k, v (seqlen_q new tokens) to be written into the cache
+    causal: bool = False
+    window: tuple = (-1, -1)
+    tree: bool = False
+    fp8: bool = False
+    num_splits: int = 0
+
+
+def _random_tree_mask(batch, n, device):
+    """Ancestor masks of random trees: node t's parent is a random earlier node (or the prefix);
+    each node sees itself and its ancestors."""
+    mask = torch.zeros(batch, n, n, dtype=torch.bool)
+    for b in range(batch):
+        for t in range(n):
+            parent = int(torch.randint(-1, t, ()).item()) if t else -1
+            if parent >= 0:
+                mask[b, t] = mask[b, parent]
+            mask[b, t, t] = True
+    return mask.to(device)
+
+
+def make_inputs(case: Case, dtype, device):
+    batch, seqlen_q = case.batch, case.seqlen_q
+    heads_q, heads_kv = case.heads
+    d = case.head_dim
+    cached = torch.tensor([case.cache_lens[i % len(case.cache_lens)] for i in range(batch)],
+                          dtype=torch.int32)
+    num_new = seqlen_q if case.new_kv else 0
+    total = cached + num_new
+    # Some spare room past the longest sequence, so slots beyond a length exist and must not
+    # be read.
+    capacity = int(total.max()) + 5
+    cache_dtype = FP8 if case.fp8 else dtype
+    if case.block_size is None:
+        shape = (batch, capacity, heads_kv, d)
+        block_table = None
+    else:
+        per_seq = math.ceil(capacity / case.block_size)
+        num_blocks = batch * per_seq + 3
+        shape = (num_blocks, case.block_size, heads_kv, d)
+        # Shuffled: a sequence's blocks are scattered over the pool, in random order.
+        block_table = torch.randperm(num_blocks)[:batch * per_seq].view(batch, per_seq)
+        block_table = block_table.to(torch.int32).to(device)
+    k_scale = v_scale = None
+    if case.fp8:
+        k_scale = torch.rand(1, device=device) + 0.5
+        v_scale = torch.rand(1, device=device) * 0.1 + 0.02
+    caches = []
+    for scale in (k_scale, v_scale):
+        # Unused slots hold NaN: a kernel reading past a sequence (even under a zero softmax
+        # weight) turns its output into NaN.
+        cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        for b in range(batch):
+            n = int(cached[b])
+            values = torch.randn(n, heads_kv, d, device=device, dtype=dtype)
+            if block_table is None:
+                cache[b, :n] = values
+            else:
+                pos = torch.arange(n, device=device)
+                blocks = block_table[b, pos // case.block_size].long()
+                cache[blocks, pos % case.block_size] = values
+        if case.fp8:
+            cache = reference.quantize_fp8_e4m3(cache, scale)
+        caches.append(cache.to(cache_dtype))
+    k_cache, v_cache = caches
+    q = torch.randn(batch, seqlen_q, heads_q, d, device=device, dtype=dtype)
+    k = v = None
+    if case.new_kv:
+        # Sliced out of a fused projection, as a model produces them.
+        kv = torch.randn(batch, num_new, 2 * heads_kv, d, device=device, dtype=dtype)
+        k, v = kv[:, :, :heads_kv], kv[:, :, heads_kv:]
+    tree_mask = _random_tree_mask(batch, seqlen_q, device) if case.tree else None
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
+                cache_seqlens=cached.to(device), block_table=block_table,
+                causal=case.causal, window_size=case.window, num_splits=case.num_splits,
+                tree_mask=tree_mask, k_scale=k_scale, v_scale=v_scale)
+
+
+def _clone_caches(args):
+    return dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+
+
+def _bits(t):
+    # Bitwise: exact, and NaN (the unused slots) compares equal to itself.
+    return t.view(torch.uint8)
+
+
+def check_kvcache_attention(case: Case, dtype, backend, device):
+    args = make_inputs(case, dtype, device)
+    ref_args, lowp_args = _clone_caches(args), _clone_caches(args)
+    ref_out, ref_lse = reference.flash_attn_with_kvcache(**ref_args, return_lse=True)
+    lowp_out, lowp_lse = reference.flash_attn_with_kvcache(**lowp_args, return_lse=True,
+                                                           upcast=False)
+    out, lse = ember.ops.flash_attn_with_kvcache(**args, return_lse=True, backend=backend)
+
+    # Writing the new tokens is data movement: exact, and nothing else in the cache changes.
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(_bits(args[name]), _bits(ref_args[name])), f"{name} differs"
+
+    assert out.shape == args["q"].shape and out.dtype == dtype
+    assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    assert_within_lowp_error(out, ref_out, lowp_out, name="out")
+    empty = ref_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), empty), "rows that see no key must have lse -inf"
+    assert torch.all(out.transpose(1, 2)[empty] == 0), "rows that see no key must be zeros"
+    assert_within_lowp_error(lse[~empty], ref_lse[~empty], lowp_lse[~empty], name="lse")
+
+
+# Small shapes for the Triton interpreter (fp16): every axis of the contract at least once.
+CPU_CASES = {
+    "decode-contiguous": Case(),
+    "decode-batch1-len1": Case(batch=1, cache_lens=(0,)),
+    "decode-gqa9:3-paged16": Case(batch=3, cache_lens=(17, 1, 130), heads=(9, 3),
+                                  block_size=16),
+    "decode-mqa-paged32-no-new": Case(cache_lens=(255, 40), heads=(8, 1), block_size=32,
+                                      new_kv=False),
+    "decode-mha-d128": Case(heads=(2, 2), head_dim=128, cache_lens=(70, 9)),
+    "decode-d96": Case(heads=(3, 1), head_dim=96, block_size=16),
+    "splits-1": Case(cache_lens=(255, 100), num_splits=1),
+    "splits-3-paged": Case(cache_lens=(255, 100), block_size=16, num_splits=3),
+    "splits-more-than-tiles": Case(cache_lens=(70, 3), num_splits=9),
+    "append-causal": Case(seqlen_q=4, cache_lens=(30, 0), heads=(6, 2), causal=True,
+                          block_size=16),
+    "append-noncausal-sq9": Case(seqlen_q=9, cache_lens=(20, 65), heads=(4, 1), num_splits=2),
+    "append-causal-rows-see-nothing": Case(seqlen_q=6, cache_lens=(3,), batch=1, causal=True,
+                                           new_kv=False, heads=(2, 1)),
+    "tree": Case(seqlen_q=5, cache_lens=(33, 8), heads=(6, 2), tree=True, block_size=16),
+    "tree-splits": Case(seqlen_q=7, cache_lens=(90, 2), heads=(4, 1), tree=True,
+                        num_splits=4),
+    "window-decode": Case(cache_lens=(120, 50), window=(20, -1), num_splits=3,
+                          block_size=32),
+    # The first visible key is the last of a 16/32/64-key tile: an off-by-one skips its tile.
+    "window-edge-on-tile-end": Case(cache_lens=(99, 163), window=(36, -1), block_size=16),
+    "window-append-causal": Case(seqlen_q=5, cache_lens=(60, 10), window=(7, 0), causal=True),
+    "window-both-sides": Case(seqlen_q=4, cache_lens=(40,), batch=1, window=(3, 2),
+                              new_kv=False),
+    "fp8-contiguous": Case(fp8=True, new_kv=False, cache_lens=(90, 33)),
+    "fp8-paged-splits": Case(fp8=True, new_kv=False, block_size=16, heads=(6, 3),
+                             cache_lens=(130, 20), num_splits=3),
+}
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
+@pytest.mark.parametrize("case", list(CPU_CASES.values()), ids=list(CPU_CASES))
+def test_kvcache_attention_small(backend, device, case):
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    dtypes = [torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16]
+    for dtype in dtypes:
+        check_kvcache_attention(case, dtype, backend, device)
+
+
+# The issue's sizes on the GPU: each axis covered, not the full product.
+GPU_CASES = {
+    "b1-33000-gqa32:8-d128": Case(batch=1, cache_lens=(33000,), heads=(32, 8), head_dim=128),
+    "b1-33000-paged16": Case(batch=1, cache_lens=(33000,), heads=(32, 8), head_dim=128,
+                             block_size=16),
+    "b7-mixed-lens-gqa9:3-paged32": Case(batch=7, cache_lens=(1, 17, 255, 257, 4096, 0, 33000),
+                                         heads=(9, 3), block_size=32),
+    "b64-4096-gqa28:4-paged256": Case(batch=64, cache_lens=(4096,), heads=(28, 4),
+                                      head_dim=128, block_size=256),
+    "b64-257-mqa-sq4-causal": Case(batch=64, cache_lens=(257, 255), heads=(8, 1), seqlen_q=4,
+                                   causal=True, block_size=16),
+    "b7-mha-sq65-causal": Case(batch=7, cache_lens=(255, 17, 4096), heads=(16, 16), seqlen_q=65,
+                               causal=True, head_dim=128),
+    "b7-sq65-tree-paged16": Case(batch=7, cache_lens=(257, 1), heads=(32, 8), seqlen_q=65,
+                                 tree=True, block_size=16, head_dim=128),
+    "b1-4096-splits1": Case(batch=1, cache_lens=(4096,), heads=(32, 8), num_splits=1),
+    "b1-255-splits-more-than-tiles": Case(batch=1, cache_lens=(255,), heads=(32, 8),
+                                          num_splits=64),
+    "b7-window-4096-paged16": Case(batch=7, cache_lens=(4096, 257), heads=(28, 4),
+                                   window=(1000, -1), block_size=16, head_dim=128),
+    "b7-fp8-4096-paged16": Case(batch=7, cache_lens=(4096, 17, 257), heads=(32, 8),
+                                head_dim=128, fp8=True, block_size=16),
+    "b7-fp8-contiguous-sq4-causal": Case(batch=7, cache_lens=(255, 33000), heads=(9, 3),
+                                         fp8=True, seqlen_q=4, causal=True),
+    "b7-d256-paged16": Case(batch=7, cache_lens=(257, 4096), heads=(8, 2), head_dim=256,
+                            block_size=16),
+    "b7-d96": Case(batch=7, cache_lens=(1, 300), heads=(9, 3), head_dim=96),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(GPU_CASES.values()), ids=list(GPU_CASES))
+def test_kvcache_attention_gpu(backend, dtype, case):
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    check_kvcache_attention(case, dtype, backend, "cuda")
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
+def test_kvcache_attention_poisoned_outputs(backend, device, poisoned_outputs):
+    """Outputs and split workspaces start as NaN: every element must be written."""
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    for case in (Case(num_splits=1), Case(num_splits=5, seqlen_q=3, causal=True)):
+        check_kvcache_attention(case, torch.float16, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
+def test_kvcache_attention_split_count_invariance(backend, device):
+    """Any split count gives the same attention (to rounding), including empty splits."""
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    args = make_inputs(Case(cache_lens=(200, 5), new_kv=False, heads=(4, 1)), torch.float16,
+                       device)
+    ref_out, ref_lse = reference.flash_attn_with_kvcache(**args, return_lse=True)
+    lowp_out, _ = reference.flash_attn_with_kvcache(**args, return_lse=True, upcast=False)
+    for splits in (1, 2, 4, 7, 16):
+        args["num_splits"] = splits
+        out, lse = ember.ops.flash_attn_with_kvcache(**args, return_lse=True, backend=backend)
+        assert_within_lowp_error(out, ref_out, lowp_out, name=f"out, {splits} splits")
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kvcache_attention_fp8_new_tokens(backend):
+    """New tokens are quantised into an fp8 cache like store_kvcache, bit for bit (the Triton
+    interpreter rounds float->e4m3 wrongly, so this runs on the GPU only)."""
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    for case in (Case(fp8=True, batch=7, cache_lens=(17, 300), heads=(9, 3), block_size=16),
+                 Case(fp8=True, batch=3, cache_lens=(255,), seqlen_q=4, causal=True)):
+        check_kvcache_attention(case, torch.bfloat16, backend, "cuda")
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
+def test_kvcache_attention_defaults(backend, device):
+    """No cache_seqlens means the whole cache; the default scale is 1/sqrt(d); return_lse=False
+    gives the output alone."""
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    q = torch.randn(2, 1, 4, 64, device=device, dtype=torch.float16)
+    k_cache = torch.randn(2, 40, 2, 64, device=device, dtype=torch.float16)
+    v_cache = torch.randn(2, 40, 2, 64, device=device, dtype=torch.float16)
+    out = ember.ops.flash_attn_with_kvcache(q, k_cache, v_cache, backend=backend)
+    assert isinstance(out, torch.Tensor)
+    ref = reference.flash_attn_with_kvcache(q, k_cache, v_cache)
+    lowp = reference.flash_attn_with_kvcache(q, k_cache, v_cache, upcast=False)
+    assert_within_lowp_error(out, ref, lowp)
+
+
+# ----------------------------------------------------------------------------------------------
+# merge_attn_states
+# ----------------------------------------------------------------------------------------------
+
+def _merge_inputs(tokens, heads, d, dtype, device):
+    # Outputs sliced from wider tensors (strided tokens/heads); LSEs of different magnitudes,
+    # with empty states (-inf) on one side, on the other, and on both.
+    out_a = torch.randn(tokens, heads + 1, d, device=device, dtype=dtype)[:, 1:]
+    out_b = torch.randn(tokens, heads, 2 * d, device=device, dtype=dtype)[..., :d]
+    lse_a = torch.randn(heads, tokens, device=device) * 4
+    lse_b = torch.randn(heads, tokens, device=device) * 4 + 1
+    lse_a[0, ::3] = float("-inf")
+    lse_b[-1, ::4] = float("-inf")
+    lse_a[:, 0] = lse_b[:, 0] = float("-inf")
+    # Where a side is empty its output is zeros, as attention over no key gives.
+    out_a.masked_fill_((lse_a == float("-inf")).T[..., None], 0.0)
+    out_b.masked_fill_((lse_b == float("-inf")).T[..., None], 0.0)
+    return out_a, lse_a, out_b, lse_b
+
+
+def check_merge(tokens, heads, d, dtype, backend, device):
+    inputs = _merge_inputs(tokens, heads, d, dtype, device)
+    ref_out, ref_lse = reference.merge_attn_states(*inputs)
+    lowp_out, lowp_lse = reference.merge_attn_states(*inputs, upcast=False)
+    out, lse = ember.ops.merge_attn_states(*inputs, backend=backend)
+    assert out.shape == (tokens, heads, d) and out.dtype == dtype
+    assert lse.shape == (heads, tokens) and lse.dtype == torch.float32
+    assert_within_lowp_error(out, ref_out, lowp_out, name="out")
+    empty = ref_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), empty)
+    assert torch.all(out.transpose(0, 1)[empty] == 0)
+    if not empty.all():
+        assert_within_lowp_error(lse[~empty], ref_lse[~empty], lowp_lse[~empty], name="lse")
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("merge_attn_states"))
+@pytest.mark.parametrize("tokens,heads,d", [(1, 1, 64), (17, 3, 96), (37, 4, 128), (5, 2, 256)])
+def test_merge_attn_states(backend, device, tokens, heads, d, poisoned_outputs):
+    _skip_unimplemented("merge_attn_states", backend)
+    check_merge(tokens, heads, d, torch.float16, backend, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_merge_attn_states_gpu(backend):
+    _skip_unimplemented("merge_attn_states", backend)
+    for dtype in (torch.bfloat16, torch.float16):
+        check_merge(4097, 32, 128, dtype, backend, "cuda")
+        check_merge(257, 9, 256, dtype, backend, "cuda")
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("merge_attn_states"))
+def test_merge_attn_states_is_attention_over_the_union(backend, device):
+    """Merging attention over keys [0, 40) and [40, 100) gives attention over [0, 100)."""
+    _skip_unimplemented("merge_attn_states", backend)
+    q = torch.randn(1, 5, 4, 64, device=device, dtype=torch.float16)
+    k = torch.randn(1, 100, 4, 64, device=device, dtype=torch.float16)
+    v = torch.randn(1, 100, 4, 64, device=device, dtype=torch.float16)
+    whole_out, whole_lse = reference.flash_attn_func(q, k, v, return_lse=True)
+    parts = []
+    for keys in (slice(0, 40), slice(40, 100)):
+        out, lse = reference.flash_attn_func(q, k[:, keys], v[:, keys], return_lse=True)
+        parts += [out[0], lse[0]]
+    out, lse = ember.ops.merge_attn_states(*parts, backend=backend)
+    # Only the halves' rounding to fp16 separates the merged from the whole attention.
+    torch.testing.assert_close(out, whole_out[0], atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(lse, whole_lse[0], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The split-KV heuristic
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_sms", [8, 108, 132])
+@pytest.mark.parametrize("batch,heads_kv", [(1, 1), (1, 8), (3, 3), (16, 8), (64, 8), (256, 8)])
+@pytest.mark.parametrize("max_len", [1, 17, 255, 4096, 33000, 131072])
+def test_split_plan_invariants(num_sms, batch, heads_kv, max_len):
+    block_n = 64
+    tiles = math.ceil(max_len / block_n)
+    plan = _split_kv.plan_splits(num_sms, batch, heads_kv, max_len, block_n)
+    assert 1 <= plan.num_splits <= min(tiles, _split_kv.MAX_AUTO_SPLITS)
+    # The splits cover every tile, and none of them is empty for the longest sequence.
+    assert plan.tiles_per_split * plan.num_splits >= tiles
+    assert plan.tiles_per_split * (plan.num_splits - 1) < tiles
+    work = batch * heads_kv
+    if work >= _split_kv.FULL_ENOUGH * _split_kv.PROGRAMS_PER_SM * num_sms:
+        assert plan.num_splits == 1, "a full GPU gains nothing from splitting"
+    # Never launch many more programs than the GPU runs at once only to split further.
+    if plan.num_splits > 1:
+        assert work * plan.num_splits <= 2 * _split_kv.PROGRAMS_PER_SM * num_sms
+
+
+def test_split_plan_fills_the_gpu_for_long_single_sequences():
+    # Decode of one long sequence with 8 KV heads on an H100: 8 programs would use 6% of it.
+    plan = _split_kv.plan_splits(132, 1, 8, 32768, 64)
+    assert plan.num_splits * 8 >= 0.8 * _split_kv.PROGRAMS_PER_SM * 132
+    # More sequences leave less to split.
+    assert _split_kv.plan_splits(132, 8, 8, 32768, 64).num_splits < plan.num_splits
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 64, 1000])
+def test_split_plan_honours_explicit_counts(num_splits):
+    plan = _split_kv.plan_splits(132, 1, 8, 300, 64, num_splits=num_splits)
+    assert plan.num_splits == num_splits
+    assert plan.tiles_per_split == max(1, math.ceil(5 / num_splits))
+
+
+def test_sm_count_off_gpu_is_nominal():
+    assert _split_kv.sm_count(torch.device("cpu")) == _split_kv.NOMINAL_SMS
+
