@@ -52,7 +52,7 @@ def attention_bytes(batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seql
     return float(elem_bytes * (q_and_o + k_and_v))
 
 
-def varlen_seqlens(total: int = TOTAL_TOKENS, seed: int = VARLEN_SEED) -> list[int]:
+def varlen_seqlens(total: int, seed: int) -> list[int]:
     """Random lengths in VARLEN_LENGTHS summing to ``total`` (the last one cut to fit)."""
     rng = random.Random(seed)
     lengths = []
@@ -147,7 +147,7 @@ def _dense_case(ctx, backends, *, op, batch, seqlen, heads_q, heads_kv, head_dim
 
 
 def _varlen_case(ctx, backends):
-    lengths = varlen_seqlens()
+    lengths = varlen_seqlens(TOTAL_TOKENS, VARLEN_SEED)
     heads = HIDDEN // VARLEN_HEAD_DIM
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=harness.DEVICE)
 

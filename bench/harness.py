@@ -215,11 +215,21 @@ class Context:
         self.warmup_ms, self.rep_ms = (10, 40) if quick else (25, 120)
         self._timer = timer or time_ms
         self.rows: list[dict] = []
-        self.notes: list[str] = []
+        self._notes: list[str] = []
+        # (op, provider, error) -> the cases it happened in: one note per distinct failure.
+        self._failures: dict[tuple[str, str, str], list[str]] = {}
+
+    @property
+    def notes(self) -> list[str]:
+        failures = []
+        for (op, provider, error), cases in self._failures.items():
+            more = f" and {len(cases) - 1} more cases" if len(cases) > 1 else ""
+            failures.append(f"{op}: {provider} failed ({cases[0]}{more}): {error}")
+        return self._notes + failures
 
     def note(self, message: str) -> None:
-        if message not in self.notes:
-            self.notes.append(message)
+        if message not in self._notes:
+            self._notes.append(message)
             print(f"  note: {message}", flush=True)
 
     def guarded(self, what: str, fn: Callable[[], object]):
@@ -252,7 +262,11 @@ class Context:
                 _raise_if_cuda_broken(exc)
                 times[name] = None
                 errors[name] = _first_line(exc)
-                self.note(f"{op} {_format_params(params)}: {name} failed: {errors[name]}")
+                cases = self._failures.setdefault((op, name, errors[name]), [])
+                if not cases:
+                    print(f"  {op} {_format_params(params)}: {name} failed: {errors[name]}",
+                          flush=True)
+                cases.append(_format_params(params))
         return self.record(op=op, params=params, flops=flops, bytes=bytes, times=times,
                            anchors=anchors, extras=extras, errors=errors,
                            compute_peak=compute_peak)

@@ -40,6 +40,10 @@ class reduce_cmd(enum.Enum):  # noqa: N801
     reset_reduce = "reset_reduce"
 
 
+# The instructions' keyword arguments share these names; the bodies use the aliases.
+_OOB, _DGE, _RC = oob_mode, dge_mode, reduce_cmd
+
+
 # ----------------------------------------------------------------------------------------------
 # Operand checks shared by the instructions
 # ----------------------------------------------------------------------------------------------
@@ -168,41 +172,41 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown):
     indirect = [v for v in (src, dst) if isinstance(v, IndirectView)]
     if len(indirect) == 2:
         fail("indirect-access", f"{op}: only one side may use runtime offsets")
-    if indirect and indirect[0].per_row and dge_mode not in (dge_mode.unknown, dge_mode.swdge):
+    if indirect and indirect[0].per_row and dge_mode not in (_DGE.unknown, _DGE.swdge):
         fail("indirect-access", f"{op}: vector_offset gathers need dge_mode swdge or unknown")
+    # Flat storage indices of both sides, element i of src going to element i of dst.
     ok = np.ones(n_src, dtype=bool)
-    if indirect:
-        view = indirect[0]
-        flat_idx, in_bounds = view.resolve()
-        if not in_bounds.all() and oob_mode != oob_mode.skip:
-            fail("dma-oob", f"{op}: runtime offsets leave {view.describe()} "
-                            f"(oob_mode.error); offsets {sim.read_values(view.offsets).ravel()}")
-        ok = in_bounds.reshape(-1)
-        base = NkiTensor(view.base._alloc, np.where(in_bounds, flat_idx, 0), root=False)
-        if view is src:
-            src = base
+    sides = {}
+    for name, side in (("src", src), ("dst", dst)):
+        if isinstance(side, IndirectView):
+            flat_idx, in_bounds = side.resolve()
+            if not in_bounds.all() and oob_mode != _OOB.skip:
+                fail("dma-oob", f"{op}: runtime offsets "
+                                f"{sim.read_values(side.offsets).ravel().tolist()} leave "
+                                f"{side.describe()} (oob_mode.error)")
+            ok = in_bounds.reshape(-1)
+            sides[name] = (side.base._alloc, flat_idx.reshape(-1))
         else:
-            dst = base
+            sides[name] = (side._alloc, side._idx.reshape(-1))
+    (src_alloc, src_idx), (dst_alloc, dst_idx) = sides["src"], sides["dst"]
+    src_idx, dst_idx = src_idx[ok], dst_idx[ok]
 
-    values = sim.read_values(src).reshape(-1)
-    if src.dtype != dst.dtype:
-        values = sim.cast(values.astype(np.float32), dst.dtype)
-    dst_flat = NkiTensor(dst._alloc, dst._idx.reshape(-1), root=False)
-    sim.write_values(dst_flat, values, mask=None if ok.all() else ok)
+    values = sim.read_values(NkiTensor(src_alloc, src_idx, root=False))
+    if src_alloc.dtype != dst_alloc.dtype:
+        values = sim.cast(values.astype(np.float32), dst_alloc.dtype)
+    sim.write_values(NkiTensor(dst_alloc, dst_idx, root=False), values)
 
     prog = sim.program()
     prog.count("dma", op)
-    moved_src = int(ok.sum()) * src.dtype.itemsize
-    moved_dst = int(ok.sum()) * dst.dtype.itemsize
-    if src.buffer.kind == "hbm" and dst.buffer.kind != "hbm":
-        prog.stats.dma_read_bytes += moved_src
-        prog.stats.dma_descriptors += _descriptors(src._idx[ok.reshape(src.shape)])
-    elif dst.buffer.kind == "hbm" and src.buffer.kind != "hbm":
-        prog.stats.dma_write_bytes += moved_dst
-        prog.stats.dma_descriptors += _descriptors(dst._idx[ok.reshape(dst.shape)])
+    src_hbm, dst_hbm = src_alloc.buffer.kind == "hbm", dst_alloc.buffer.kind == "hbm"
+    if src_hbm and not dst_hbm:
+        prog.stats.dma_read_bytes += src_idx.size * src_alloc.dtype.itemsize
+    elif dst_hbm and not src_hbm:
+        prog.stats.dma_write_bytes += dst_idx.size * dst_alloc.dtype.itemsize
     else:
-        prog.stats.dma_other_bytes += max(moved_src, moved_dst)
-        prog.stats.dma_descriptors += _descriptors(src._idx[ok.reshape(src.shape)])
+        prog.stats.dma_other_bytes += src_idx.size * max(src_alloc.dtype.itemsize,
+                                                         dst_alloc.dtype.itemsize)
+    prog.stats.dma_descriptors += _descriptors(dst_idx if dst_hbm else src_idx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,13 +342,13 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
         y = op.fn(x).astype(np.float32)
     _store(dst, y)
 
-    if reduce_cmd != reduce_cmd.idle or reduce_res is not None:
-        if reduce_cmd in (reduce_cmd.reduce, reduce_cmd.reset_reduce) and reduce_op is not nl.add:
+    if reduce_cmd != _RC.idle or reduce_res is not None:
+        if reduce_cmd in (_RC.reduce, _RC.reset_reduce) and reduce_op is not nl.add:
             fail("operand-kind", f"{name}: reduce_op must be nl.add, got {reduce_op!r}")
         regs = prog.act_regs
-        if reduce_cmd in (reduce_cmd.reset, reduce_cmd.reset_reduce):
+        if reduce_cmd in (_RC.reset, _RC.reset_reduce):
             regs[:p] = 0.0
-        if reduce_cmd in (reduce_cmd.reduce, reduce_cmd.reset_reduce):
+        if reduce_cmd in (_RC.reduce, _RC.reset_reduce):
             regs[:p] += y.sum(axis=1, dtype=np.float32)
         if reduce_res is not None:
             _tile(name, "reduce_res", reduce_res)

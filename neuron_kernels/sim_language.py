@@ -93,6 +93,7 @@ def _exp(x):
 add = Operator("add", "arith", np.add, 0.0)
 subtract = Operator("subtract", "arith", np.subtract)
 multiply = Operator("multiply", "arith", np.multiply, 1.0)
+divide = Operator("divide", "arith", np.divide)
 maximum = Operator("maximum", "arith", np.maximum, -np.inf)
 minimum = Operator("minimum", "arith", np.minimum, np.inf)
 equal = Operator("equal", "cmp", np.equal)

@@ -40,10 +40,10 @@ def _kvcache_attn_kernel(
     stride_btb, stride_tmb, stride_tmq, stride_tmk,
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
-    heads_kv, seqlen_q, group, head_dim, page_size,
+    heads_kv, seqlen_q, group, page_size,
     softmax_scale, window_left, window_right, num_splits,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     TREE: tl.constexpr, FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -62,7 +62,7 @@ def _kvcache_attn_kernel(
     head = kv_head * group + rows % group
     row_ok = qpos < seqlen_q
     cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < head_dim
+    col_ok = cols < HEAD_DIM
     q = tl.load(Q + b64 * stride_qb + qpos[:, None] * stride_qs + head[:, None] * stride_qh
                 + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
@@ -98,7 +98,7 @@ def _kvcache_attn_kernel(
         if PAGED:
             page = tl.load(BLOCK_TABLE + b64 * stride_btb + keys // page_size, mask=key_ok,
                            other=0).to(tl.int64)
-            k_rows = page * stride_kb + (keys % 16) * stride_ks
+            k_rows = page * stride_kb + (keys % page_size) * stride_ks
             v_rows = page * stride_vb + (keys % page_size) * stride_vs
         else:
             k_rows = b64 * stride_kb + keys.to(tl.int64) * stride_ks
@@ -157,8 +157,8 @@ def _merge_splits_kernel(
     stride_qs, stride_qb, stride_qh,
     stride_ob, stride_oq, stride_oh,
     stride_lb, stride_lh,
-    seqlen_q, head_dim, num_splits,
-    BLOCK_D: tl.constexpr,
+    seqlen_q, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (batch * query position, query head): fold the splits' partial states.
     row = tl.program_id(0)
@@ -166,7 +166,7 @@ def _merge_splits_kernel(
     b = (row // seqlen_q).to(tl.int64)
     qpos = row % seqlen_q
     cols = tl.arange(0, BLOCK_D)
-    ok = cols < head_dim
+    ok = cols < HEAD_DIM
     part = OUT_PART + b * stride_pb + qpos * stride_pq + head * stride_ph + cols
     part_lse = LSE_PART + b * stride_qb + head * stride_qh + qpos
     m, s, acc = merge_init(BLOCK_D)
@@ -239,9 +239,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         block_table.stride(0) if paged else 0,
         *(tree_mask.stride() if tree_mask is not None else (0, 0, 0)),
         *part_strides[0], *part_strides[1],
-        heads_kv, seqlen_q, group, head_dim, k_cache.shape[1],
+        heads_kv, seqlen_q, group, k_cache.shape[1],
         softmax_scale, window_left, window_right, splits,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=paged, WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0,
         TREE=tree_mask is not None, FP8=fp8,
         num_warps=num_warps, num_stages=3,
@@ -251,7 +251,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
             out_part, lse_part, out, lse,
             *out_part.stride()[:4], *lse_part.stride()[:3],
             *out.stride()[:3], *lse.stride()[:2],
-            seqlen_q, head_dim, splits,
-            BLOCK_D=block_d,
+            seqlen_q, splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d,
         )
     return out, lse

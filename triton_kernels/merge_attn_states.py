@@ -48,14 +48,13 @@ def _merge_two_kernel(
     OA, LA, OB, LB, OUT, LSE,
     stride_oat, stride_oah, stride_obt, stride_obh, stride_ot, stride_oh,
     stride_lah, stride_lbh, stride_lh,
-    head_dim,
-    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (token, head) row of head_dim outputs.
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
-    ok = cols < head_dim
+    ok = cols < HEAD_DIM
     o_a = tl.load(OA + t * stride_oat + head * stride_oah + cols, mask=ok).to(tl.float32)
     o_b = tl.load(OB + t * stride_obt + head * stride_obh + cols, mask=ok).to(tl.float32)
     lse_a = tl.load(LA + head * stride_lah + t)
@@ -84,7 +83,6 @@ def merge_attn_states(out_a, lse_a, out_b, lse_b):
         out_a, lse_a, out_b, lse_b, out, lse,
         *out_a.stride()[:2], *out_b.stride()[:2], *out.stride()[:2],
         lse_a.stride(0), lse_b.stride(0), lse.stride(0),
-        head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
     )
     return out, lse

@@ -212,41 +212,46 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const typename Cfg::T* s
 // Accumulator element e of an n8 tile belongs to row (lane >> 2) + 8 * (e >> 1) and column
 // 2 * (lane & 3) + (e & 1). ldmatrix.x4: lanes 8i..8i+7 give the row addresses of matrix i,
 // whose 8x8 block lands in the i-th output register.
-// Every ldmatrix.x4 here reads matrices (rows +0, chunk +0), (rows +8, chunk +0),
-// (rows +0, chunk +1), (rows +8, chunk +1) of a 16-row, 2-chunk block whose first row is a
-// multiple of 16 and whose first chunk is even, so the same per-lane pattern serves all three
-// operands:
-//   Q as A:          registers a0..a3 = (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
-//                    (rows 8-15, k 8-15);
-//   K as B of QK^T:  b0 of keys 0-7, b0 of keys 8-15, b1 of keys 0-7, b1 of keys 8-15;
-//   V as B of PV (.trans): b0 of d 0-7, b1 of d 0-7, b0 of d 8-15, b1 of d 8-15.
-// A lane's row is therefore (lane & 7) + 8 * ((lane >> 3) & 1) and its chunk bit lane >> 4;
-// the swizzled chunk depends only on the lane and on (2 * pair) % kBlockChunks. Precomputing
-// those kBlockChunks / 2 byte offsets leaves the rest of every ldmatrix address an immediate.
+// Every ldmatrix.x4 here reads four 8x8 blocks of a 16-row, 2-chunk region whose first row is
+// a multiple of 16 and whose first chunk is even:
+//   Q as A:          a0..a3 = (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
+//                    (rows 8-15, k 8-15): the lane's row is (lane & 7) + 8 * bit 3, chunk bit 4;
+//   V as B of PV (.trans): b0, b1 of d 0-7, then b0, b1 of d 8-15 = (keys 0-7, d 0-7),
+//                    (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15): same pattern;
+//   K as B of QK^T:  b0, b1 of keys 0-7, then b0, b1 of keys 8-15 = (keys 0-7, k 0-7),
+//                    (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15): row from bit 4,
+//                    chunk from bit 3. (Each mma then takes two adjacent registers as b0, b1.)
+// Rows start at multiples of 8, so the swizzled chunk depends only on the lane and on
+// (2 * pair) % kBlockChunks; precomputing those kBlockChunks / 2 byte offsets per pattern
+// leaves the rest of every ldmatrix address an immediate.
 template <class Cfg>
 struct LaneOffsets {
-  uint32_t pair[Cfg::kBlockChunks / 2];
+  uint32_t qv[Cfg::kBlockChunks / 2];  // Q and V pattern
+  uint32_t k[Cfg::kBlockChunks / 2];   // K pattern
 };
 
 template <class Cfg>
 __device__ __forceinline__ LaneOffsets<Cfg> lane_offsets(int lane) {
-  const int row = (lane & 7) + 8 * ((lane >> 3) & 1);
-  const int chunk_bit = (lane >> 4) ^ ((lane & 7) >> Cfg::kSwizzleShift);
+  const int bit3 = (lane >> 3) & 1, bit4 = lane >> 4;
+  const int swz = (lane & 7) >> Cfg::kSwizzleShift;
   LaneOffsets<Cfg> l;
 #pragma unroll
   for (int j = 0; j < Cfg::kBlockChunks / 2; ++j) {
-    l.pair[j] = row * Cfg::kRowBytes + (((2 * j) ^ chunk_bit) << 4);
+    l.qv[j] = ((lane & 7) + 8 * bit3) * Cfg::kRowBytes + (((2 * j) ^ bit4 ^ swz) << 4);
+    l.k[j] = ((lane & 7) + 8 * bit4) * Cfg::kRowBytes + (((2 * j) ^ bit3 ^ swz) << 4);
   }
   return l;
 }
 
-// ldmatrix address in a tile of kRows rows: rows 16 * row16 + the lane's row, chunk pair `pair`.
+// ldmatrix address in a tile of kRows rows: rows 16 * row16 + the lane's row, chunk pair `pair`,
+// with the lane's offsets `lane_off` (LaneOffsets::qv or ::k).
 template <class Cfg, int kRows>
-__device__ __forceinline__ uint32_t frag_addr(uint32_t tile, const LaneOffsets<Cfg>& lo,
+__device__ __forceinline__ uint32_t frag_addr(uint32_t tile,
+                                              const uint32_t (&lane_off)[Cfg::kBlockChunks / 2],
                                               int row16, int pair) {
   constexpr int kBC = Cfg::kBlockChunks;
   const int chunk = 2 * pair;
-  return tile + lo.pair[(chunk % kBC) / 2] +
+  return tile + lane_off[(chunk % kBC) / 2] +
          ((chunk / kBC) * kRows + 16 * row16) * Cfg::kRowBytes;
 }
 
@@ -289,17 +294,17 @@ __device__ __forceinline__ void attend_tile(
 #pragma unroll
         for (int e = 0; e < 4; ++e) a[mi][e] = q_frag[mi][ks][e];
       } else {
-        ldmatrix_x4(a[mi], frag_addr<Cfg, Cfg::kBlockM>(s_q_warp, lo, mi, ks));
+        ldmatrix_x4(a[mi], frag_addr<Cfg, Cfg::kBlockM>(s_q_warp, lo.qv, mi, ks));
       }
     }
 #pragma unroll
     for (int nj = 0; nj < kNT / 2; ++nj) {
       uint32_t b[4];
-      ldmatrix_x4(b, frag_addr<Cfg, Cfg::kBlockN>(s_k, lo, nj, ks));
+      ldmatrix_x4(b, frag_addr<Cfg, Cfg::kBlockN>(s_k, lo.k, nj, ks));
 #pragma unroll
       for (int mi = 0; mi < kMT; ++mi) {
-        mma_16816<T>(s[mi][2 * nj], a[mi], b[0], b[2]);
-        mma_16816<T>(s[mi][2 * nj + 1], a[mi], b[1], b[3]);
+        mma_16816<T>(s[mi][2 * nj], a[mi], b[0], b[1]);
+        mma_16816<T>(s[mi][2 * nj + 1], a[mi], b[2], b[3]);
       }
     }
   }
@@ -327,6 +332,8 @@ __device__ __forceinline__ void attend_tile(
   }
 
   // ---- online softmax (base 2); P overwrites S ----
+  float correction[kMT][2];
+  bool max_moved = false;
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) {
 #pragma unroll
@@ -340,7 +347,8 @@ __device__ __forceinline__ void attend_tile(
       // A row with no visible key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0
       // rather than NaN from (-inf) - (-inf).
       const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-      const float correction = exp2f(row_max[mi][r] * scale_log2 - m_scaled);
+      correction[mi][r] = exp2f(row_max[mi][r] * scale_log2 - m_scaled);
+      max_moved |= m != row_max[mi][r];
       row_max[mi][r] = m;
       float sum = 0.f;
 #pragma unroll
@@ -353,13 +361,18 @@ __device__ __forceinline__ void attend_tile(
         }
       }
       // Per-lane partial sums: the quad shares the max, so they add up correctly at the end.
-      row_sum[mi][r] = row_sum[mi][r] * correction + sum;
-#pragma unroll
-      for (int dn = 0; dn < Cfg::kDTiles; ++dn) {
-        acc_o[mi][dn][2 * r] *= correction;
-        acc_o[mi][dn][2 * r + 1] *= correction;
-      }
+      row_sum[mi][r] = row_sum[mi][r] * correction[mi][r] + sum;
     }
+  }
+  // Rescale O only when some row max of the warp moved: past the first tiles it rarely does,
+  // and an unmoved max means a correction of exactly 1. (A row still at -inf has O = 0.)
+  if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+      for (int dn = 0; dn < Cfg::kDTiles; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_o[mi][dn][e] *= correction[mi][e >> 1];
   }
 
   // ---- O += P V; the S accumulators of key tiles 2ks and 2ks+1 are exactly the A fragment ----
@@ -376,7 +389,7 @@ __device__ __forceinline__ void attend_tile(
 #pragma unroll
     for (int dn = 0; dn < Cfg::kDTiles / 2; ++dn) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, frag_addr<Cfg, Cfg::kBlockN>(s_v, lo, ks, dn));
+      ldmatrix_x4_trans(b, frag_addr<Cfg, Cfg::kBlockN>(s_v, lo.qv, ks, dn));
 #pragma unroll
       for (int mi = 0; mi < kMT; ++mi) {
         mma_16816<T>(acc_o[mi][2 * dn], a[mi], b[0], b[1]);
@@ -476,7 +489,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
         for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks)
-          ldmatrix_x4(q_frag[mi][ks], frag_addr<Cfg, kBM>(s_q_warp, lo, mi, ks));
+          ldmatrix_x4(q_frag[mi][ks], frag_addr<Cfg, kBM>(s_q_warp, lo.qv, mi, ks));
     }
 
     for (int stage = 0; n >= n_block_min; --n, stage ^= 1) {

@@ -121,6 +121,8 @@ CPU_CASES = {
     "window-both-sides": Case(seqlen_q=33, seqlen_k=47, window=(9, 6)),
     "window-left-causal": Case(batch=1, seqlen_q=40, seqlen_k=40, heads=(2, 2), causal=True,
                                window=(12, -1)),
+    "window-wide-both-sides": Case(batch=1, seqlen_q=64, seqlen_k=70, heads=(2, 1),
+                                   window=(20, 25)),
     "window-right-only": Case(batch=1, seqlen_q=35, seqlen_k=30, heads=(2, 2), window=(-1, 3)),
     "window-rows-see-nothing": Case(batch=1, seqlen_q=30, seqlen_k=20, heads=(2, 1),
                                     window=(2, 1)),

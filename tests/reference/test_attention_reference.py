@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-
 from ember.ops import reference
 
 FP8 = torch.float8_e4m3fn
@@ -55,7 +54,8 @@ def naive_attention(q, keys, values, scale, sees):
             peak = logits.max()
             weights = torch.exp(logits - peak)
             lse[h, i] = peak + torch.log(weights.sum())
-            out[i, h] = sum(w * values[j, kv_head] for w, j in zip(weights / weights.sum(), seen))
+            probs = weights / weights.sum()
+            out[i, h] = sum(p * values[j, kv_head] for p, j in zip(probs, seen, strict=True))
     return out, lse
 
 
@@ -192,7 +192,7 @@ def test_varlen_matches_naive(causal, window, heads_q, heads_kv, block_size):
         q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, window_size=window,
         return_lse=True, block_table=table)
     assert out.shape == q.shape and lse.shape == (heads_q, q.shape[0])
-    for b, (sq, sk) in enumerate(zip(lens_q, lens_k)):
+    for b, (sq, sk) in enumerate(zip(lens_q, lens_k, strict=True)):
         rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
         want_out, want_lse = naive_attention(q[rows], keys[b], values[b], head_dim ** -0.5,
                                              contract_rule(sq, sk, causal, window))

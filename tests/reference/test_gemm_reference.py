@@ -181,7 +181,8 @@ def test_quantize_int8_round_trip(dtype):
     assert q.abs().max() <= 127
     assert (q.abs().amax(dim=1)[amax > 0] == 127).all()
     err = (reference.dequantize_int8(q, scale).double() - wd).abs()
-    assert (err <= scale.double()[:, None] * (0.5 + 1e-6)).all()
+    # Half a step, plus the float32 rounding of w / scale (<= 127 * 2^-24 steps).
+    assert (err <= scale.double()[:, None] * (0.5 + 1e-5)).all()
     assert (q[3] == 0).all() and torch.isfinite(scale).all()
 
 

@@ -149,10 +149,12 @@ def gguf_weights(reader, config: ModelConfig) -> Iterator:
         yield name, tensor
 
 
-def gguf_tokenizer(path: str):
-    """The tokenizer (with its chat template) that transformers builds from the GGUF."""
+def gguf_tokenizer(reader, path: str):
+    """The tokenizer (with its chat template) that transformers builds from the GGUF, or
+    None if the file has no vocabulary."""
     from transformers import AutoTokenizer
 
-    _gguf()
+    if "tokenizer.ggml.model" not in reader.fields:
+        return None
     folder, name = os.path.split(os.path.abspath(path))
     return AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -45,9 +45,9 @@ class Checkpoint:
         return _hf_weights(self.path)
 
     def tokenizer(self):
-        """A transformers tokenizer, or None for a folder without tokenizer files."""
+        """A transformers tokenizer, or None for a checkpoint without one."""
         if self.kind == "gguf":
-            return gguf_file.gguf_tokenizer(self.path)
+            return gguf_file.gguf_tokenizer(self._reader, self.path)
         if not any(os.path.isfile(os.path.join(self.path, f)) for f in TOKENIZER_FILES):
             return None
         from transformers import AutoTokenizer

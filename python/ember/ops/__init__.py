@@ -12,13 +12,13 @@ How an op module is laid out (see kvcache.py):
 """
 
 from ember.ops._registry import available_backends, ops
+from ember.ops.activation import silu_and_mul
 from ember.ops.attention import (
     flash_attn_func,
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
     merge_attn_states,
 )
-from ember.ops.activation import silu_and_mul
 from ember.ops.kvcache import store_kvcache
 from ember.ops.moe import fused_moe, grouped_gemm, moe_align
 from ember.ops.norm import fused_add_rms_norm, rms_norm

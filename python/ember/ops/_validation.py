@@ -87,7 +87,8 @@ def check_fp8_scales(op: str, cache: torch.Tensor, k_scale, v_scale) -> None:
                 raise ValueError(f"{op}: {name} is required for a float8_e4m3fn cache")
             check_tensor(op, name, scale, dtypes=(torch.float32,), device=cache.device)
             if scale.numel() != 1:
-                raise ValueError(f"{op}: {name} must hold one value, got shape {tuple(scale.shape)}")
+                raise ValueError(f"{op}: {name} must hold one value, "
+                                 f"got shape {tuple(scale.shape)}")
     elif k_scale is not None or v_scale is not None:
         raise ValueError(f"{op}: k_scale/v_scale are only valid with a float8_e4m3fn cache")
 

@@ -173,8 +173,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     # Values are checked on the host: one small copy, cheaper than a fault in a kernel.
     cu_host = torch.stack([cu_seqlens_q, cu_seqlens_k]).cpu()
-    lengths_q = _check_cu_seqlens(op, "cu_seqlens_q", cu_host[0], total_q, max_seqlen_q,
-                                  "max_seqlen_q")
+    _check_cu_seqlens(op, "cu_seqlens_q", cu_host[0], total_q, max_seqlen_q, "max_seqlen_q")
     lengths_k = _check_cu_seqlens(op, "cu_seqlens_k", cu_host[1], None if paged else k.shape[0],
                                   max_seqlen_k, "max_seqlen_k")
     block_size = k.shape[1] if paged else None
@@ -578,3 +577,8 @@ _registry.register("merge_attn_states",
 _registry.register("flash_attn_func", triton="ember.triton_kernels.flash_attn:flash_attn")
 _registry.register("flash_attn_varlen_func",
                    triton="ember.triton_kernels.flash_attn:flash_attn_varlen")
+_registry.register("flash_attn_func", nki="ember.neuron_kernels.attention:flash_attn")
+_registry.register("flash_attn_with_kvcache",
+                   nki="ember.neuron_kernels.decode_attention:flash_attn_with_kvcache")
+_registry.register("merge_attn_states",
+                   nki="ember.neuron_kernels.decode_attention:merge_attn_states")

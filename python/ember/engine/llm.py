@@ -1,0 +1,333 @@
+"""LLM: the engine's front door, in vLLM's shape.
+
+A request's path: ``add_request`` tokenizes the prompt into a Sequence and queues it in the
+Scheduler; each ``step`` asks the Scheduler for a batch (which asks the BlockManager for KV
+blocks), has the ModelRunner compute it (model -> ``ember.ops`` kernels) and sample, then
+appends the new tokens, detokenizes them and checks the stop conditions. ``generate`` and
+``stream`` loop over ``step`` until their requests finish.
+"""
+
+import random
+import time
+from collections.abc import Iterator
+
+from tqdm.auto import tqdm
+
+from ember.engine.block_manager import BlockManager
+from ember.engine.config import EngineConfig
+from ember.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from ember.engine.model_runner import ModelRunner, count_kv_blocks, kv_block_bytes
+from ember.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ember.engine.sampling_params import SamplingParams
+from ember.engine.scheduler import Scheduler
+from ember.engine.sequence import Sequence
+from ember.models.loader import Checkpoint, load_model
+
+
+class LLM:
+    """Load a model and generate from it.
+
+    ``model`` is a Hugging Face folder, a ``.gguf`` file or a built-in alias
+    ("smollm2-135m"); the keyword arguments are EngineConfig's (dtype, device, max_num_seqs,
+    max_num_batched_tokens, max_model_len, block_size, enable_prefix_caching,
+    enable_chunked_prefill, enforce_eager, kernel_backend, gpu_memory_utilization,
+    num_kv_blocks, kv_cache_memory_cpu, load_format, seed).
+
+    Example::
+
+        llm = ember.LLM("smollm2-135m")
+        out = llm.generate(["The capital of France is"], ember.SamplingParams(temperature=0))
+        print(out[0].outputs[0].text)
+    """
+
+    def __init__(self, model, **engine_args):
+        self.config = config = EngineConfig(model=model, **engine_args)
+        checkpoint = Checkpoint(model)
+        self.model_config = mc = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer()
+        self.eos_token_ids = list(mc.eos_token_ids)
+        if not self.eos_token_ids and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            self.eos_token_ids = [self.tokenizer.eos_token_id]
+
+        max_len = self._requested_max_model_len()
+        self.model = load_model(checkpoint, dtype=config.torch_dtype(mc.torch_dtype),
+                                device=config.device, max_positions=max_len,
+                                backend=config.kernel_backend, load_format=config.load_format)
+        num_blocks = count_kv_blocks(config, self.model, max_len)
+        capacity = num_blocks * config.block_size
+        if capacity < max_len:
+            if config.max_model_len is not None or capacity < config.block_size:
+                raise ValueError(
+                    f"the KV cache holds {capacity} tokens ({num_blocks} blocks of "
+                    f"{config.block_size}), less than max_model_len = {max_len}; lower "
+                    f"max_model_len or give the cache more memory (num_kv_blocks, "
+                    f"gpu_memory_utilization, kv_cache_memory_cpu)")
+            max_len = capacity
+        self.max_model_len = max_len
+        self.runner = ModelRunner(config, self.model, num_blocks, max_len, self.eos_token_ids)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   enable_chunked_prefill=config.enable_chunked_prefill)
+        self._requests: dict = {}  # request_id -> (Sequence, RequestMetrics), until finished
+        self._seed_rng = random.Random(config.seed)
+        self._next_id = 0
+
+    def _requested_max_model_len(self) -> int:
+        config, context = self.config, self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
+                             f"context length ({context})")
+        max_len = config.max_model_len or context
+        if not config.enable_chunked_prefill and max_len > config.max_num_batched_tokens:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"without chunked prefill a whole prompt must fit in one step: "
+                    f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
+                    f"max_model_len ({max_len})")
+            max_len = config.max_num_batched_tokens
+        return max_len
+
+    # ------------------------------------------------------------------------------------------
+    # Requests
+    # ------------------------------------------------------------------------------------------
+
+    def encode(self, prompt) -> tuple:
+        """``(text or None, token ids)`` of a prompt: a string, a list of token ids or a dict
+        with "prompt" or "prompt_token_ids"."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token ids")
+            return prompt, self.tokenizer(prompt).input_ids
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got "
+                             f"{type(prompt).__name__}")
+        return None, list(prompt)
+
+    def _new_sequence(self, prompt, params, request_id) -> Sequence:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got "
+                             f"{type(params).__name__}")
+        text, token_ids = self.encode(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
+                             f"[{min(token_ids)}, {max(token_ids)}]")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; max_model_len is "
+                             f"{self.max_model_len}, which leaves no room to generate")
+        if request_id is None:
+            request_id = str(self._next_id)
+            self._next_id += 1
+        elif request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        seq = Sequence(request_id, token_ids, params, prompt=text, seed=seed,
+                       max_model_len=self.max_model_len)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids,
+                                                     params.skip_special_tokens)
+        return seq
+
+    def _submit(self, seq: Sequence) -> None:
+        self._requests[seq.request_id] = (seq, RequestMetrics(arrival_time=time.perf_counter()))
+        self.scheduler.add(seq)
+
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. ``step()`` then advances it."""
+        seq = self._new_sequence(prompt, params, request_id)
+        self._submit(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks (unknown or finished ids are ignored)."""
+        entry = self._requests.pop(request_id, None)
+        if entry is not None:
+            self.scheduler.finish(entry[0], "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------
+
+    def step(self) -> list:
+        """Run one engine step; returns a RequestOutput (cumulative) for every request that
+        produced a token."""
+        if not self._requests:
+            return []
+        batch = self.scheduler.schedule()
+        if not batch:  # the scheduler guarantees progress; never spin silently
+            raise RuntimeError(f"the scheduler found nothing to run for "
+                               f"{len(self._requests)} unfinished requests")
+        sampled_seqs, tokens = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        now = time.perf_counter()
+        outputs = []
+        for seq, token in zip(sampled_seqs, tokens, strict=True):
+            seq.token_ids.append(token)
+            metrics = self._requests[seq.request_id][1]
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                metrics.finished_time = now
+                del self._requests[seq.request_id]
+            outputs.append(self._output(seq, metrics))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        new_text = seq.detokenizer.step(seq.token_ids) if seq.detokenizer else ""
+        seq.output_text += new_text
+        if seq.num_output_tokens >= p.min_tokens:
+            stop_token = (not p.ignore_eos and token in self.eos_token_ids) or \
+                token in p.stop_token_ids
+            if stop_token:
+                if new_text and not p.include_stop_str_in_output:
+                    seq.output_text = seq.output_text[:-len(new_text)]
+                reason = token if token in p.stop_token_ids else None
+                self.scheduler.finish(seq, "stop", reason)
+                return
+            if p.stop_strings and new_text:
+                at, stop = find_stop_string(seq.output_text, len(new_text), p.stop_strings)
+                if stop is not None:
+                    end = at + len(stop) if p.include_stop_str_in_output else at
+                    seq.output_text = seq.output_text[:end]
+                    self.scheduler.finish(seq, "stop", stop)
+                    return
+        if seq.num_output_tokens >= seq.max_tokens:
+            self.scheduler.finish(seq, "length")
+
+    def _output(self, seq: Sequence, metrics: RequestMetrics) -> RequestOutput:
+        completion = CompletionOutput(0, seq.output_text, seq.output_token_ids,
+                                      seq.finish_reason, seq.stop_reason)
+        return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens],
+                             [completion], seq.is_finished, seq.num_cached_tokens, metrics)
+
+    # ------------------------------------------------------------------------------------------
+    # Offline APIs
+    # ------------------------------------------------------------------------------------------
+
+    def _check_idle(self, api: str) -> None:
+        if self._requests:
+            raise RuntimeError(f"{api}() needs an idle engine, but requests added with "
+                               f"add_request() are unfinished: step() or abort() them first")
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list:
+        """Generate for every prompt; returns finished RequestOutputs in the prompts' order.
+
+        ``prompts``: a string, a list of token ids, a dict, or a list of those.
+        ``sampling_params``: one SamplingParams for all, or a list with one per prompt.
+        """
+        self._check_idle("generate")
+        prompts = _as_prompt_list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling params for "
+                                 f"{len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(prompts)
+        # Build every sequence before queueing any, so a bad prompt leaves the engine idle.
+        seqs = [self._new_sequence(p, sp, None) for p, sp in zip(prompts, params)]
+        for seq in seqs:
+            self._submit(seq)
+        finished = {}
+        bar = tqdm(total=len(seqs), desc="Generating", unit="req", disable=not use_tqdm)
+        start, generated = time.perf_counter(), 0
+        try:
+            while self._requests:
+                for out in self.step():
+                    generated += 1
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+                bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}",
+                                refresh=False)
+        except BaseException:
+            for seq in seqs:
+                self.abort(seq.request_id)
+            raise
+        finally:
+            bar.close()
+        return [finished[seq.request_id] for seq in seqs]
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list:
+        """``generate`` on conversations (a list of {"role", "content"} dicts, or a list of
+        such lists) rendered by the model's chat template."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        return self.generate([self.apply_chat_template(c) for c in conversations],
+                             sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: list) -> list:
+        """Token ids of a conversation, ending with the assistant's turn prompt."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator:
+        """Generate for one prompt, yielding CompletionOutput deltas (new text and token ids)
+        as they are produced; the last delta carries the finish_reason."""
+        self._check_idle("stream")
+        seq = self._new_sequence(prompt, sampling_params, None)
+        self._submit(seq)
+        text_len = tokens_len = 0
+        try:
+            while self._requests:
+                for out in self.step():
+                    done = out.outputs[0]
+                    yield CompletionOutput(0, done.text[text_len:], done.token_ids[tokens_len:],
+                                           done.finish_reason, done.stop_reason)
+                    text_len, tokens_len = len(done.text), len(done.token_ids)
+        finally:
+            self.abort(seq.request_id)  # a no-op once finished; frees blocks if abandoned
+
+    # ------------------------------------------------------------------------------------------
+    # Introspection
+    # ------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """KV cache size, prefix-cache hits, preemptions and CUDA graph capture time."""
+        bm = self.block_manager
+        return {
+            "num_kv_blocks": bm.num_blocks,
+            "block_size": bm.block_size,
+            "kv_cache_bytes": bm.num_blocks * kv_block_bytes(self.model, bm.block_size),
+            "max_model_len": self.max_model_len,
+            "prefix_cache_query_tokens": bm.prefix_query_tokens,
+            "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
+            "prefix_cache_hit_rate": bm.prefix_hit_tokens / max(bm.prefix_query_tokens, 1),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "cuda_graph_batch_sizes": sorted(self.runner.graphs),
+            "graph_capture_seconds": self.runner.graph_capture_seconds,
+        }
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [list(prompts)]  # one prompt given as token ids
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, token ids, a dict or a list of them, got "
+                     f"{type(prompts).__name__}")
