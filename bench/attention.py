@@ -152,8 +152,8 @@ def _varlen_case(ctx, backends):
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=harness.DEVICE)
 
     def make():
-        q, k, v = (torch.randn(TOTAL_TOKENS, heads, VARLEN_HEAD_DIM, device=harness.DEVICE, dtype=DTYPE)
-                   for _ in range(3))
+        shape = (TOTAL_TOKENS, heads, VARLEN_HEAD_DIM)
+        q, k, v = (torch.randn(shape, device=harness.DEVICE, dtype=DTYPE) for _ in range(3))
         return q, k, v, cu, max(lengths), lengths
 
     rot = Rotation(make)
@@ -181,9 +181,9 @@ def plot(rows, result, path):
         panel=lambda r: f"head dim {r['head_dim']} ({r['heads']} heads)",
         series=lambda r: r["provider"],
         style=lambda r: "causal" if r["causal"] else "non-causal",
-        title=f"Attention forward, bf16, {TOTAL_TOKENS // 1024}k tokens, hidden {HIDDEN} "
+        title=f"Attention forward, bf16, {TOTAL_TOKENS} tokens, hidden {HIDDEN} "
               f"({env.get('gpu', '')})",
-        xlabel="sequence length (batch = 16k / seqlen)", ylabel="TFLOP/s",
+        xlabel=f"sequence length (batch = {TOTAL_TOKENS} / seqlen)", ylabel="TFLOP/s",
         hline=(roof, "cuBLAS bf16 matmul") if roof else None)
 
 

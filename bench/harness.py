@@ -7,8 +7,8 @@ A suite is one module under ``bench/`` that registers a function taking a ``Cont
         rot = Rotation(lambda: make_inputs(...))           # copies of the inputs, > L2 in total
         ctx.bench(op="grouped_gemm", params={"tokens": 4096, ...},
                   flops=..., bytes=...,                     # explicit formulas, in the suite
-                  providers={"ember-cuda": rot.bind(ember_fn), "torch-grouped-mm": rot.bind(anchor)},
-                  anchors=("torch-grouped-mm",))
+                  providers={"ember-cuda": rot.bind(ember_fn), "grouped-mm": rot.bind(anchor)},
+                  anchors=("grouped-mm",))
 
 ``python -m bench`` imports every module of this package, runs the ``roofline`` suite first (its
 copy bandwidth and bf16 matmul rate normalise every other row of the same run), then the chosen
@@ -223,7 +223,7 @@ class Context:
     def notes(self) -> list[str]:
         failures = []
         for (op, provider, error), cases in self._failures.items():
-            more = f" and {len(cases) - 1} more cases" if len(cases) > 1 else ""
+            more = f" and {len(cases) - 1} more case(s)" if len(cases) > 1 else ""
             failures.append(f"{op}: {provider} failed ({cases[0]}{more}): {error}")
         return self._notes + failures
 
@@ -306,7 +306,8 @@ def _raise_if_cuda_broken(exc: BaseException) -> None:
 # ember providers
 # ----------------------------------------------------------------------------------------------
 
-def ember_backends(op: str, wanted: Sequence[str] = ("cuda", "triton")) -> tuple[list[str], list[str]]:
+def ember_backends(op: str, wanted: Sequence[str] = ("cuda", "triton")
+                   ) -> tuple[list[str], list[str]]:
     """The ``wanted`` ember backends of ``op`` that can run on this GPU, and a note for each
     one that cannot (op not written yet, backend not implemented, ember._C not built...)."""
     from ember.ops import _registry
@@ -362,7 +363,6 @@ def source_digest() -> str:
 
 def environment() -> dict:
     import triton
-
     from ember.ops import _ext
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())

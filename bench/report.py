@@ -35,11 +35,20 @@ def suite_result(env: Mapping, ctx, status: str) -> dict:
 
 
 def load_results(out_dir: Path, slug: str) -> dict:
+    """The results to merge into: ``<out>/<slug>.json``, else the committed one, else empty.
+    A file that does not parse is set aside as ``.unreadable`` rather than lost or fatal."""
     for path in (Path(out_dir) / f"{slug}.json", DEFAULT_OUT / f"{slug}.json"):
-        if path.is_file():
+        if not path.is_file():
+            continue
+        try:
             data = json.loads(path.read_text())
-            if data.get("schema") == SCHEMA:
-                return data
+        except json.JSONDecodeError as exc:
+            print(f"  note: {path} does not parse ({exc}); starting from an empty file and "
+                  f"keeping it as {path.name}.unreadable", flush=True)
+            os.replace(path, path.with_name(path.name + ".unreadable"))
+            continue
+        if data.get("schema") == SCHEMA:
+            return data
     return {"schema": SCHEMA, "suites": {}}
 
 

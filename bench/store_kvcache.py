@@ -85,12 +85,13 @@ def run(ctx):
     for cache_dtype in CACHE_DTYPES:
         for num_tokens in QUICK_TOKENS if ctx.quick else TOKENS:
             rot = Rotation(lambda n=num_tokens, dt=cache_dtype: _make_inputs(n, dt))
+            first = rot.inputs[0]
             providers = _providers(backends)
             extras = {}
             for name, fn in providers.items():
                 if name.startswith("ember-") and not name.endswith("-kernel"):
                     check = ctx.guarded(f"{name} check ({num_tokens} tokens, {cache_dtype})",
-                                        lambda f=fn: _check(f, rot.inputs[0]))
+                                        lambda f=fn, args=first: _check(f, args))
                     if check is None:
                         continue
                     extras[name] = {"check": check}

@@ -9,10 +9,12 @@
 namespace ember {
 void bind_kvcache(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
+void bind_decode(pybind11::module_& m);
 }  // namespace ember
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ember CUDA kernels (raw-pointer bindings; use ember.ops instead)";
   ember::bind_kvcache(m);
   ember::bind_attention(m);
+  ember::bind_decode(m);
 }

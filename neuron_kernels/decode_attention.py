@@ -27,8 +27,7 @@ HBM traffic.
 """
 
 from ember.neuron_kernels import host
-from ember.neuron_kernels.attention_core import FLOOR, MASKED, TINY, finish, new_state
-from ember.neuron_kernels.attention_core import scores, step
+from ember.neuron_kernels.attention_core import FLOOR, MASKED, TINY, finish, new_state, scores, step
 from ember.neuron_kernels.nki_api import nisa, nki, nl
 from ember.neuron_kernels.tiles import FMAX, PMAX, chunks, columns_of, transpose_blocks
 
@@ -127,7 +126,7 @@ def decode_kernel(q, k_slots, v_slots, seqlens, block_table, tree, k_scale, v_sc
                                   src=q[b, i0:i0 + count, hk * group + g, :])
                 q_cols = columns_of(q_rows, q.dtype)
                 bounds = _row_bounds(length, segments, rows, seqlen_q, window_left,
-                                     window_right)
+                                     window_right, has_tree)
                 tree_cols = _tree_columns(tree, b, segments, rows, seqlen_q, q.dtype) \
                     if has_tree else []
                 scale, v_factor = softmax_scale, 1.0
@@ -189,12 +188,12 @@ def _broadcast_scalar(scalar, rows):
     return tile
 
 
-def _row_bounds(length, segments, rows, seqlen_q, window_left, window_right):
+def _row_bounds(length, segments, rows, seqlen_q, window_left, window_right, has_tree):
     """Per-row float32 ``[rows, 1]`` thresholds: keys ``>= hi`` are hidden (past the sequence or
-    right of the window/causal edge), keys ``< lo`` too (left window edge, if any), and ``ctx``
-    = start of the last seqlen_q keys (tree masks)."""
+    right of the window/causal edge), keys ``< lo`` too (left window edge, if any), and with a
+    tree mask ``ctx`` (``[128, 1]``) = where the last seqlen_q keys start."""
     diag_from_len = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    for g, i0, count, at in segments:
+    for _, i0, count, at in segments:
         # row i sits at key seqlens[b] - seqlen_q + i
         nisa.iota(dst=diag_from_len[at:at + count, :], pattern=[[0, 1]],
                   offset=i0 - seqlen_q, channel_multiplier=1)
@@ -210,9 +209,10 @@ def _row_bounds(length, segments, rows, seqlen_q, window_left, window_right):
         lo = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=lo, data=diag, op0=nl.subtract, operand0=float(window_left))
         bounds["lo"] = lo
-    ctx = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=ctx, data=length, op0=nl.subtract, operand0=float(seqlen_q))
-    bounds["ctx"] = ctx
+    if has_tree:
+        ctx = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=ctx, data=length, op0=nl.subtract, operand0=float(seqlen_q))
+        bounds["ctx"] = ctx
     return bounds
 
 
@@ -222,7 +222,7 @@ def _tree_columns(tree, b, segments, rows, seqlen_q, dtype):
     cols = []
     for c0, cc in chunks(seqlen_q, PMAX):
         tile = nl.ndarray((cc, rows), dtype=dtype, buffer=nl.sbuf)
-        for g, i0, count, at in segments:
+        for _, i0, count, at in segments:
             src = tree.ap(pattern=[[1, cc], [seqlen_q, count]],
                           offset=(b * seqlen_q + i0) * seqlen_q + c0)
             nisa.dma_copy(dst=tile[:, at:at + count], src=src)

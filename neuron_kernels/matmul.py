@@ -92,9 +92,11 @@ def linear(out, x, w, dtype, col_scale=None, scale_columns=False, quantize_x=Fal
             w_rows.append(rows)
         w_cols = weight_columns(w_rows, dtype)
         if scale_columns:
-            # The block's scales on every partition (a stride-0 DMA broadcast).
-            scale_row = nl.ndarray((PMAX, nb), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=scale_row, src=col_scale.ap(pattern=[[0, PMAX], [1, nb]],
+            # The block's scales on the partitions of the output rows (a stride-0 DMA
+            # broadcast: each partition reads the row again, so only as many as needed).
+            parts = m_tiles[0][1]
+            scale_row = nl.ndarray((parts, nb), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=scale_row, src=col_scale.ap(pattern=[[0, parts], [1, nb]],
                                                           offset=n0))
         for t in range(len(m_tiles)):
             m0, mr = m_tiles[t]

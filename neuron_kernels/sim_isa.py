@@ -2,15 +2,15 @@
 documented semantics (NKI 0.3+: destination first, nothing returned) and their checks.
 
 Engines (for the cost model): TensorE ``nc_matmul``/``nc_transpose``; ScalarE ``activation``;
-VectorE ``tensor_*``, ``memset``, ``reciprocal``; GpSimd ``iota``/``affine_select`` (and integer
-``tensor_tensor``); DMA ``dma_copy``.
+VectorE ``tensor_*`` and ``reciprocal``; GpSimd ``iota``/``affine_select`` (and all-int32
+``tensor_tensor``); DMA ``dma_copy``. ``tensor_copy`` and ``memset`` go to the least busy engine
+that can run them, as the compiler's choice for ``engine=unknown``.
 """
 
 import enum
 import math
 
 import numpy as np
-
 from ember.neuron_kernels import sim_language as nl
 from ember.neuron_kernels import simulator as sim
 from ember.neuron_kernels.simulator import (  # noqa: F401  (nki.isa.NkiValidationError)
@@ -241,9 +241,6 @@ def nc_matmul(dst, stationary, moving, accumulate=None):
     if any(fp32_in) and not all(fp32_in):
         fail("matmul-dtype", f"{op}: a float32 operand needs a float32 partner, got "
                              f"{sim.dtype_name(stationary.dtype)} x {sim.dtype_name(moving.dtype)}")
-    if dst.dtype != sim.float32:
-        fail("matmul-dtype", f"{op}: dst must be a float32 PSUM tile, got "
-                             f"{sim.dtype_name(dst.dtype)}")
     k, m = stationary.shape
     k2, n = moving.shape
     if k != k2:
@@ -255,6 +252,9 @@ def nc_matmul(dst, stationary, moving, accumulate=None):
         fail("matmul-shape", f"{op}: moving free size {n} exceeds {prog.target.moving_fmax}")
     if dst.shape != (m, n):
         fail("matmul-shape", f"{op}: dst must be [{m}, {n}], got {dst.describe()}")
+    if dst.dtype != sim.float32:
+        fail("matmul-dtype", f"{op}: dst must be a float32 PSUM tile, got "
+                             f"{sim.dtype_name(dst.dtype)}")
     if accumulate not in (None, True, False):
         fail("operand-kind", f"{op}: accumulate must be None, True or False")
 
@@ -364,7 +364,10 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
 # ----------------------------------------------------------------------------------------------
 
 def tensor_copy(dst, src):
-    """On-chip copy (PSUM <-> SBUF); bit-exact for equal dtypes, else a float32 cast."""
+    """On-chip copy (PSUM <-> SBUF); bit-exact for equal dtypes, else a float32 cast.
+
+    Vector, Scalar or GpSimd engine (GpSimd only without PSUM operands), as the compiler
+    balances them (``least_busy``)."""
     op = "tensor_copy"
     _tile(op, "src", src)
     _tile(op, "dst", dst)
@@ -374,11 +377,14 @@ def tensor_copy(dst, src):
         sim.write_values(dst, values.reshape(dst.shape))
     else:
         _store(dst, values.astype(np.float32))
-    sim.program().count("dve", op, _elementwise_cycles(src))
+    prog = sim.program()
+    engines = ["dve", "act"] + ([] if "psum" in (src.buffer.kind, dst.buffer.kind) else ["pool"])
+    prog.count(prog.least_busy(engines), op, _elementwise_cycles(src))
 
 
 def memset(dst, value):
-    """Fill ``dst`` with a compile-time constant of its kind (int for integer tensors)."""
+    """Fill ``dst`` with a compile-time constant of its kind (int for integer tensors), on the
+    Vector or (SBUF only) GpSimd engine."""
     op = "memset"
     _tile(op, "dst", dst)
     is_number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
@@ -386,7 +392,9 @@ def memset(dst, value):
         fail("dtype", f"memset: value {value!r} does not match {dst.describe()}")
     _store(dst, np.full(dst.shape, value, dtype=np.float64 if sim.is_float(dst.dtype)
                         else np.int64))
-    sim.program().count("dve", op, _elementwise_cycles(dst))
+    prog = sim.program()
+    engines = ["dve"] + ([] if dst.buffer.kind == "psum" else ["pool"])
+    prog.count(prog.least_busy(engines), op, _elementwise_cycles(dst))
 
 
 def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=None,
@@ -534,7 +542,8 @@ def _affine(op, dst, pattern, offset, channel_multiplier) -> np.ndarray:
         steps = [int(s) for s, _ in pattern]
         nums = [int(n) for _, n in pattern]
     except (TypeError, ValueError):
-        raise TypeError(f"{op}: pattern must be a list of [step, num] pairs, got {pattern!r}")
+        raise TypeError(f"{op}: pattern must be a list of [step, num] pairs, "
+                        f"got {pattern!r}") from None
     if not 1 <= len(nums) <= 4 or math.prod(nums) != _free(dst):
         fail("shape-mismatch", f"{op}: pattern {pattern!r} does not cover the "
                                f"{_free(dst)} elements per partition of {dst.describe()}")

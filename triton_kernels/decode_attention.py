@@ -25,10 +25,12 @@ import triton
 import triton.language as tl
 
 from ember.ops._split_kv import plan_splits, sm_count
-from ember.triton_kernels.merge_attn_states import merge_finish, merge_init, merge_step
+from ember.triton_kernels.merge_attn_states import finish_states, fold_states
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Split states merged per step: 32 x d float32 per program stays in registers.
+MERGE_BLOCK_S = 32
 
 
 @triton.jit
@@ -42,8 +44,8 @@ def _kvcache_attn_kernel(
     stride_ls, stride_lb, stride_lh,
     heads_kv, seqlen_q, group, page_size,
     softmax_scale, window_left, window_right, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     TREE: tl.constexpr, FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -92,14 +94,19 @@ def _kvcache_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_head = K_CACHE + kv_head * stride_kh
     v_head = V_CACHE + kv_head * stride_vh
+    table_row = BLOCK_TABLE + b64 * stride_btb
+    if PAGED:
+        first_keys = t_begin * BLOCK_N + tl.arange(0, BLOCK_N)
+        page = tl.load(table_row + first_keys // page_size, mask=first_keys < seqlen_k, other=0)
     for t in range(t_begin, t_end):
         keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < seqlen_k
         if PAGED:
-            page = tl.load(BLOCK_TABLE + b64 * stride_btb + keys // page_size, mask=key_ok,
-                           other=0).to(tl.int64)
-            k_rows = page * stride_kb + (keys % page_size) * stride_ks
-            v_rows = page * stride_vb + (keys % page_size) * stride_vs
+            k_rows = page.to(tl.int64) * stride_kb + (keys % page_size) * stride_ks
+            v_rows = page.to(tl.int64) * stride_vb + (keys % page_size) * stride_vs
+            next_keys = keys + BLOCK_N
+            page = tl.load(table_row + next_keys // page_size, mask=next_keys < seqlen_k,
+                           other=0)
         else:
             k_rows = b64 * stride_kb + keys.to(tl.int64) * stride_ks
             v_rows = b64 * stride_vb + keys.to(tl.int64) * stride_vs
@@ -158,23 +165,27 @@ def _merge_splits_kernel(
     stride_ob, stride_oq, stride_oh,
     stride_lb, stride_lh,
     seqlen_q, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # One program per (batch * query position, query head): fold the splits' partial states.
+    # One program per (batch * query position, query head). The splits' partial states are
+    # loaded BLOCK_S at a time, so their loads overlap instead of queueing one after another.
     row = tl.program_id(0)
     head = tl.program_id(1)
     b = (row // seqlen_q).to(tl.int64)
     qpos = row % seqlen_q
     cols = tl.arange(0, BLOCK_D)
     ok = cols < HEAD_DIM
-    part = OUT_PART + b * stride_pb + qpos * stride_pq + head * stride_ph + cols
+    part = OUT_PART + b * stride_pb + qpos * stride_pq + head * stride_ph
     part_lse = LSE_PART + b * stride_qb + head * stride_qh + qpos
-    m, s, acc = merge_init(BLOCK_D)
-    for split in range(num_splits):
-        o = tl.load(part + split * stride_ps, mask=ok)
-        lse = tl.load(part_lse + split * stride_qs)
-        m, s, acc = merge_step(m, s, acc, lse, o)
-    out, lse = merge_finish(m, s, acc)
+    m, s, acc = float("-inf"), 0.0, tl.zeros([BLOCK_D], dtype=tl.float32)
+    for first in range(0, num_splits, BLOCK_S):
+        split = first + tl.arange(0, BLOCK_S)
+        valid = split < num_splits
+        lse = tl.load(part_lse + split * stride_qs, mask=valid, other=float("-inf"))
+        o = tl.load(part + split[:, None].to(tl.int64) * stride_ps + cols[None, :],
+                    mask=valid[:, None] & ok[None, :], other=0.0)
+        m, s, acc = fold_states(m, s, acc, lse, o)
+    out, lse = finish_states(m, s, acc)
     tl.store(OUT + b * stride_ob + qpos * stride_oq + head * stride_oh + cols,
              out.to(OUT.dtype.element_ty), mask=ok)
     tl.store(LSE + b * stride_lb + head * stride_lh + qpos, lse)
@@ -185,8 +196,8 @@ def _tile_config(head_dim: int, packed_rows: int) -> tuple[int, int, int, int]:
     block_d = triton.next_power_of_2(head_dim)
     # tl.dot needs at least 16 rows; more than 64 packed rows go to further row blocks.
     block_m = min(64, max(16, triton.next_power_of_2(packed_rows)))
-    # Keep a K and a V tile (per pipeline stage) around 16 KB at 16-bit precision.
-    block_n = 64 if block_d <= 128 else 32
+    # Keep a K and a V tile (per pipeline stage) at 16 KB at 16-bit precision.
+    block_n = 8192 // block_d
     num_warps = 4 if block_d <= 128 else 8
     return block_m, block_n, block_d, num_warps
 
@@ -253,5 +264,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
             *out.stride()[:3], *lse.stride()[:2],
             seqlen_q, splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_S=min(MERGE_BLOCK_S, max(2, triton.next_power_of_2(splits))),
         )
     return out, lse

@@ -61,7 +61,9 @@ def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start, 
     """
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + cols
-        k = _load_tile(k_ptrs + start_n * stride_kn, keys, seqlen_k, d_ok, MASKED, EVEN_D)
+        # 64-bit tile offset: start_n * stride may pass 2**31 on long sequences.
+        k = _load_tile(k_ptrs + tl.cast(start_n, tl.int64) * stride_kn, keys, seqlen_k, d_ok,
+                       MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             visible = keys[None, :] < seqlen_k
@@ -82,7 +84,8 @@ def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start, 
             p = tl.math.exp2(qk * qk_scale - shift[:, None])
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs + start_n * stride_vn, keys, seqlen_k, d_ok, MASKED, EVEN_D)
+        v = _load_tile(v_ptrs + tl.cast(start_n, tl.int64) * stride_vn, keys, seqlen_k, d_ok,
+                       MASKED, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -154,12 +157,16 @@ def _flash_attn_fwd_kernel(
     mid_lo = tl.minimum(full_lo, hi)
     mid_hi = tl.maximum(full_hi, mid_lo)
 
-    rows = m_first + tl.arange(0, BLOCK_M)
+    # Pointers: 64-bit offsets of the tile's first row, then small 32-bit offsets within it.
+    tile_rows = tl.arange(0, BLOCK_M)
+    rows = m_first + tile_rows
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
-    q_ptrs = Q + q_seq + head * stride_qh + rows[:, None] * stride_qm + offs_d[None, :]
+    q_seq += m_first.to(tl.int64) * stride_qm
+    o_seq += m_first.to(tl.int64) * stride_om
+    q_ptrs = Q + q_seq + head * stride_qh + tile_rows[:, None] * stride_qm + offs_d[None, :]
     q = _load_tile(q_ptrs, rows, seqlen_q, d_ok, True, EVEN_D)
     k_ptrs = K + k_seq + kv_head * stride_kh + cols[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + v_seq + kv_head * stride_vh + cols[:, None] * stride_vn + offs_d[None, :]
@@ -186,12 +193,12 @@ def _flash_attn_fwd_kernel(
     out = acc * (1.0 / l_safe)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     row_ok = rows < seqlen_q
-    o_ptrs = Out + o_seq + head * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = Out + o_seq + head * stride_oh + tile_rows[:, None] * stride_om + offs_d[None, :]
     if EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + l_seq + head * stride_lh + rows, lse, mask=row_ok)
+    tl.store(Lse + l_seq + head.to(tl.int64) * stride_lh + rows, lse, mask=row_ok)
 
 
 def _config(block_m, block_n, num_warps, num_stages):
@@ -200,9 +207,9 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 
 # Small per-head-dim config sets (each config is one compile per kernel variant), chosen from
-# ptxas reports for sm_90a under Triton 3.6: none spills registers (a 4-warp BLOCK_M=128 tile
-# at d >= 96 does), and shared memory fits 227 KB; configs that do not fit a GPU (sm_80 has
-# 163 KB) are dropped by the autotuner.
+# ptxas reports for sm_90a under Triton 3.6: none spills more than a few bytes of registers (a
+# 4-warp BLOCK_M=128 tile at d >= 96 spills ~1 KB), and shared memory fits 227 KB. Configs that
+# do not fit the GPU at hand (sm_80 has 163 KB) are dropped by the autotuner.
 _GPU_CONFIGS = {
     64: [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 64, 8, 3)],
     96: [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3)],
@@ -244,9 +251,7 @@ def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, 
     varlen = cu_seqlens_q is not None
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
-    if out.numel() == 0 or batch == 0 or max_seqlen_q == 0:
-        return
-    if causal:
+    if causal:  # the public functions already pass window_right = 0; direct callers may not
         window_right = 0
     # A side wider than any sequence is unbounded: dropping it saves the mask work.
     # (Row i sees key j >= i + sk - sq - left, always true once left >= sk - 1; and

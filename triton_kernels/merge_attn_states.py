@@ -1,12 +1,13 @@
 """Merging partial attention states by their log-sum-exp, in Triton.
 
-Two attentions of the same queries over disjoint key sets, ``(o_a, lse_a)`` and ``(o_b, lse_b)``,
-combine into the attention over the union: ``lse = log(exp(lse_a) + exp(lse_b))`` and
-``o = exp(lse_a - lse) * o_a + exp(lse_b - lse) * o_b``. An empty state (``lse = -inf``, no key
-seen) has weight zero; merging only empty states gives ``o = 0`` and ``lse = -inf``.
+Attentions of the same queries over disjoint key sets, ``(o_i, lse_i)``, combine into the
+attention over the union: ``lse = log(sum_i exp(lse_i))`` and ``o = sum_i exp(lse_i - lse) *
+o_i``. An empty state (``lse = -inf``, no key seen) has weight zero; merging only empty states
+gives ``o = 0`` and ``lse = -inf``.
 
-``merge_step`` is that math as a running fold, used both by the public ``merge_attn_states``
-kernel here and by the split-KV combine of ``decode_attention``.
+``fold_states`` is that math as a running fold over blocks of states, used both by the public
+``merge_attn_states`` kernel here (two states) and by the split-KV combine of
+``decode_attention`` (one state per KV split).
 """
 
 import torch
@@ -15,27 +16,23 @@ import triton.language as tl
 
 
 @triton.jit
-def merge_init(BLOCK_D: tl.constexpr):
-    """The empty state: running max, running sum of weights, weighted sum of outputs."""
-    return float("-inf"), 0.0, tl.zeros([BLOCK_D], dtype=tl.float32)
+def fold_states(m, s, acc, lse, o):
+    """Fold states with LSEs ``lse [N]`` and outputs ``o [N, BLOCK_D]`` into the running
+    ``(m, s, acc)``: max LSE so far, sum of ``exp(lse_i - m)``, sum of ``exp(lse_i - m) * o_i``
+    (all float32; start from ``-inf, 0, 0``).
 
-
-@triton.jit
-def merge_step(m, s, acc, lse, o):
-    """Fold the state ``(o, lse)`` into the running ``(m, s, acc)`` (all float32).
-
-    Weights are kept relative to the running max ``m`` so exp never overflows; while every
-    state seen is empty the max is -inf, and 0 stands in for it so no -inf - -inf NaN appears.
+    Weights are taken relative to the running max so exp never overflows; while every state
+    seen is empty the max is -inf, and 0 stands in for it so no -inf - -inf NaN appears.
     """
-    m_new = tl.maximum(m, lse)
+    m_new = tl.maximum(m, tl.max(lse, 0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     old = tl.exp(m - m_ref)
     w = tl.exp(lse - m_ref)
-    return m_new, s * old + w, acc * old + w * o
+    return m_new, s * old + tl.sum(w, 0), acc * old + tl.sum(w[:, None] * o, 0)
 
 
 @triton.jit
-def merge_finish(m, s, acc):
+def finish_states(m, s, acc):
     """Normalised output and natural-log LSE of the folded states."""
     seen = s > 0.0
     m_ref = tl.where(m == float("-inf"), 0.0, m)
@@ -50,19 +47,19 @@ def _merge_two_kernel(
     stride_lah, stride_lbh, stride_lh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program per (token, head) row of head_dim outputs.
+    # One program per (token, head) row of head_dim outputs; the two sides are the two rows
+    # of a [2, BLOCK_D] tile of states.
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < HEAD_DIM
-    o_a = tl.load(OA + t * stride_oat + head * stride_oah + cols, mask=ok).to(tl.float32)
-    o_b = tl.load(OB + t * stride_obt + head * stride_obh + cols, mask=ok).to(tl.float32)
-    lse_a = tl.load(LA + head * stride_lah + t)
-    lse_b = tl.load(LB + head * stride_lbh + t)
-    m, s, acc = merge_init(BLOCK_D)
-    m, s, acc = merge_step(m, s, acc, lse_a, o_a)
-    m, s, acc = merge_step(m, s, acc, lse_b, o_b)
-    out, lse = merge_finish(m, s, acc)
+    side_a = tl.arange(0, 2) == 0
+    o_ptrs = tl.where(side_a[:, None], OA + t * stride_oat + head * stride_oah + cols[None, :],
+                      OB + t * stride_obt + head * stride_obh + cols[None, :])
+    o = tl.load(o_ptrs, mask=ok[None, :], other=0.0).to(tl.float32)
+    lse = tl.load(tl.where(side_a, LA + head * stride_lah + t, LB + head * stride_lbh + t))
+    m, s, acc = fold_states(float("-inf"), 0.0, tl.zeros([BLOCK_D], dtype=tl.float32), lse, o)
+    out, lse = finish_states(m, s, acc)
     tl.store(OUT + t * stride_ot + head * stride_oh + cols, out.to(OUT.dtype.element_ty), mask=ok)
     tl.store(LSE + head * stride_lh + t, lse)
 
@@ -70,15 +67,13 @@ def _merge_two_kernel(
 def merge_attn_states(out_a, lse_a, out_b, lse_b):
     """Triton backend of ``ember.ops.merge_attn_states`` (inputs already validated).
 
-    out_a, out_b ``[tokens, heads, d]`` fp16/bf16/fp32 with contiguous d; lse_a, lse_b float32
-    ``[heads, tokens]`` with contiguous tokens. Returns ``(out [tokens, heads, d] in out_a's
-    dtype, lse float32 [heads, tokens])``.
+    out_a, out_b ``[tokens, heads, d]`` fp16/bf16 with contiguous d; lse_a, lse_b float32
+    ``[heads, tokens]``, contiguous. Returns ``(out [tokens, heads, d] in out_a's dtype, lse
+    float32 [heads, tokens])``.
     """
     tokens, heads, head_dim = out_a.shape
     out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
     lse = torch.empty(heads, tokens, dtype=torch.float32, device=out_a.device)
-    if tokens == 0:
-        return out, lse
     _merge_two_kernel[(tokens, heads)](
         out_a, lse_a, out_b, lse_b, out, lse,
         *out_a.stride()[:2], *out_b.stride()[:2], *out.stride()[:2],

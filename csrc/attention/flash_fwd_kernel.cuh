@@ -117,7 +117,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "r"(addr));
 }
 
-// D += A * B for one m16n8k16 tile: A row-major 16x16 (4 regs), B column-major 16x8 (2 regs).
+// D += A * B for one m16n8k16 tile: A row-major 16x16 (4 regs), B column-major 16x8 (2 regs),
+// D 16x8 f32 (4 regs).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1);
@@ -175,10 +176,15 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
 // rest (so sequence ends need no other special case: zero K rows are masked, zero V rows add 0).
 template <class Cfg, int kRows>
 __device__ __forceinline__ void load_tile(uint32_t dst, const typename Cfg::T* src,
-                                          int64_t row_stride, int rows_valid, int tid) {
+                                          int64_t row_stride, int rows_valid) {
   using T = typename Cfg::T;
   constexpr int kChunks = Cfg::kChunks;
   constexpr int kPerThread = kRows * kChunks / Cfg::kThreads;
+  // The thread index is re-read here (volatile, so ptxas cannot hoist it): otherwise the
+  // per-thread copy addresses are computed once and kept live across the K loop, which costs
+  // more registers than the MMA loop has to spare and makes ptxas spill.
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
   if constexpr (Cfg::kThreads % kChunks == 0 && (Cfg::kThreads / kChunks) % 8 == 0) {
     // Each pass covers a whole number of 8-row swizzle periods, so a thread's chunk keeps its
     // swizzled column and the shared-memory address advances by a constant.
@@ -277,6 +283,7 @@ __device__ __forceinline__ void attend_tile(
   constexpr int kMT = Cfg::kMTiles, kNT = Cfg::kNTiles;
 
   // ---- S = Q K^T (raw scores; the scale is applied inside the exponent) ----
+  // Zero-initialised S: ptxas folds the zeros into the first k-step's MMAs (RZ accumulator).
   float s[kMT][kNT][4];
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi)
@@ -284,7 +291,6 @@ __device__ __forceinline__ void attend_tile(
     for (int nj = 0; nj < kNT; ++nj)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[mi][nj][e] = 0.f;
-
 #pragma unroll
   for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks) {
     uint32_t a[kMT][4];
@@ -473,12 +479,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int row0 = m0 + warp * Cfg::kWarpRows + (lane >> 2);  // this lane's first query row
     const int lane_col = 2 * (lane & 3);
 
-    load_tile<Cfg, kBM>(s_q, q, p.q_row_stride, rows_q, tid);
+    load_tile<Cfg, kBM>(s_q, q, p.q_row_stride, rows_q);
     cp_async_commit();
     int n = n_block_max - 1;
-    load_tile<Cfg, kBN>(s_kv, k + n * kBN * p.k_row_stride, p.k_row_stride, seqlen_k - n * kBN, tid);
+    load_tile<Cfg, kBN>(s_kv, k + n * kBN * p.k_row_stride, p.k_row_stride, seqlen_k - n * kBN);
     load_tile<Cfg, kBN>(s_kv + Cfg::kKVBytes, v + n * kBN * p.v_row_stride, p.v_row_stride,
-                        seqlen_k - n * kBN, tid);
+                        seqlen_k - n * kBN);
     cp_async_commit();
 
     uint32_t q_frag[Cfg::kQInRegs ? kMT : 1][Cfg::kQInRegs ? Cfg::kHeadDim / 16 : 1][4];
@@ -500,9 +506,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       if (n > n_block_min) {
         const uint32_t next = s_kv + (stage ^ 1) * Cfg::kStageBytes;
         const int rows = seqlen_k - (n - 1) * kBN;
-        load_tile<Cfg, kBN>(next, k + (n - 1) * kBN * p.k_row_stride, p.k_row_stride, rows, tid);
+        load_tile<Cfg, kBN>(next, k + (n - 1) * kBN * p.k_row_stride, p.k_row_stride, rows);
         load_tile<Cfg, kBN>(next + Cfg::kKVBytes, v + (n - 1) * kBN * p.v_row_stride,
-                            p.v_row_stride, rows, tid);
+                            p.v_row_stride, rows);
         cp_async_commit();
       }
       const uint32_t s_k = s_kv + stage * Cfg::kStageBytes;

@@ -223,3 +223,12 @@ def test_store_kvcache_suite_plumbing_on_cpu(tiny_suites):
         assert r["tbps"] == pytest.approx(want / 1e9, rel=1e-4)
         if r["provider"] == "ember-torch":
             assert r["check"] == "exact"
+
+
+def test_unreadable_results_are_set_aside(tmp_path):
+    (tmp_path / "test-gpu-not-real.json").write_text('{"schema": 1, "suites": {')  # cut short
+    env = {"gpu": "Test GPU", "gpu_slug": "test-gpu-not-real"}
+    report.save_suite(tmp_path, env, {}, _ctx_with_rows("one", 1.0), "complete")
+    data = json.loads((tmp_path / "test-gpu-not-real.json").read_text())
+    assert set(data["suites"]) == {"one"}
+    assert (tmp_path / "test-gpu-not-real.json.unreadable").read_text().endswith("{")

@@ -7,17 +7,20 @@ the short suites. Nothing here asserts a timing.
 
 import json
 import math
+import re
 
 import pytest
 import torch
+from ember.ops import reference
 
 from bench import anchors, harness
-from ember.ops import reference
 
 pytestmark = pytest.mark.cuda
 
 # Relative L2 error of a bf16 result: rounding gives a few 1e-3, a wrong layout or scale O(1).
 TOL = 1e-2
+# What SDPA says when the backend it is restricted to cannot take the inputs.
+_NO_KERNEL = re.compile("No available kernel|No viable backend")
 
 
 def rel(out, ref):
@@ -31,7 +34,14 @@ def test_sdpa_matches_reference(backend, causal, heads_q, heads_kv, head_dim):
     q = torch.randn(3, 257, heads_q, head_dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(3, 257, heads_kv, head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(3, 257, heads_kv, head_dim, device="cuda", dtype=torch.bfloat16)
-    out = anchors.sdpa(q, k, v, causal=causal, backend=backend)
+    try:
+        out = anchors.sdpa(q, k, v, causal=causal, backend=backend)
+    except RuntimeError as exc:
+        # torch's own limits (e.g. a cuDNN build without GQA) show as failed rows in the bench;
+        # anything else is a bug of the anchor.
+        if backend == "cudnn" and heads_q != heads_kv and _NO_KERNEL.search(str(exc)):
+            pytest.skip(f"this torch's cuDNN SDPA refuses GQA: {exc}")
+        raise
     assert out.shape == q.shape
     assert rel(out, reference.flash_attn_func(q, k, v, causal=causal)) < TOL
 

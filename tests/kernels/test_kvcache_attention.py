@@ -88,12 +88,12 @@ def make_inputs(case: Case, dtype, device):
     capacity = int(total.max()) + 5
     cache_dtype = FP8 if case.fp8 else dtype
     if case.block_size is None:
-        shape = (batch, capacity, heads_kv, d)
+        slab = (batch, capacity)
         block_table = None
     else:
         per_seq = math.ceil(capacity / case.block_size)
         num_blocks = batch * per_seq + 3
-        shape = (num_blocks, case.block_size, heads_kv, d)
+        slab = (num_blocks, case.block_size)
         # Shuffled: a sequence's blocks are scattered over the pool, in random order.
         block_table = torch.randperm(num_blocks)[:batch * per_seq].view(batch, per_seq)
         block_table = block_table.to(torch.int32).to(device)
@@ -101,30 +101,34 @@ def make_inputs(case: Case, dtype, device):
     if case.fp8:
         k_scale = torch.rand(1, device=device) + 0.5
         v_scale = torch.rand(1, device=device) * 0.1 + 0.02
-    caches = []
-    for scale in (k_scale, v_scale):
-        # Unused slots hold NaN: a kernel reading past a sequence (even under a zero softmax
-        # weight) turns its output into NaN.
-        cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
-        for b in range(batch):
-            n = int(cached[b])
-            values = torch.randn(n, heads_kv, d, device=device, dtype=dtype)
-            if block_table is None:
-                cache[b, :n] = values
-            else:
-                pos = torch.arange(n, device=device)
-                blocks = block_table[b, pos // case.block_size].long()
-                cache[blocks, pos % case.block_size] = values
-        if case.fp8:
-            cache = reference.quantize_fp8_e4m3(cache, scale)
-        caches.append(cache.to(cache_dtype))
-    k_cache, v_cache = caches
-    q = torch.randn(batch, seqlen_q, heads_q, d, device=device, dtype=dtype)
+    # K and V interleaved per block/sequence ([*, 2, len, heads, d], as some engines lay them
+    # out), so the caches' leading strides are not those of a contiguous tensor. Unused slots
+    # hold NaN: a kernel reading past a sequence (even under a zero softmax weight) turns its
+    # output into NaN.
+    values = torch.full((slab[0], 2, slab[1], heads_kv, d), float("nan"), dtype=dtype,
+                        device=device)
+    for b in range(batch):
+        n = int(cached[b])
+        fresh = torch.randn(2, n, heads_kv, d, device=device, dtype=dtype)
+        if block_table is None:
+            values[b, :, :n] = fresh
+        else:
+            pos = torch.arange(n, device=device)
+            blocks = block_table[b, pos // case.block_size].long()
+            values[blocks, :, pos % case.block_size] = fresh.transpose(0, 1)
+    caches = torch.empty(values.shape, dtype=cache_dtype, device=device)
+    if case.fp8:
+        caches[:, 0] = reference.quantize_fp8_e4m3(values[:, 0], k_scale)
+        caches[:, 1] = reference.quantize_fp8_e4m3(values[:, 1], v_scale)
+    else:
+        caches.copy_(values)
+    k_cache, v_cache = caches[:, 0], caches[:, 1]
+    # q, k, v sliced out of a fused projection, as a model produces them.
+    qkv = torch.randn(batch, seqlen_q, heads_q + 2 * heads_kv, d, device=device, dtype=dtype)
+    q = qkv[:, :, :heads_q]
     k = v = None
     if case.new_kv:
-        # Sliced out of a fused projection, as a model produces them.
-        kv = torch.randn(batch, num_new, 2 * heads_kv, d, device=device, dtype=dtype)
-        k, v = kv[:, :, :heads_kv], kv[:, :, heads_kv:]
+        k, v = qkv[:, :, heads_q:heads_q + heads_kv], qkv[:, :, heads_q + heads_kv:]
     tree_mask = _random_tree_mask(batch, seqlen_q, device) if case.tree else None
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
                 cache_seqlens=cached.to(device), block_table=block_table,
@@ -293,6 +297,57 @@ def test_kvcache_attention_defaults(backend, device):
     assert_within_lowp_error(out, ref, lowp)
 
 
+def _bad_block_table(a):
+    a["block_table"] = a["block_table"].clone()
+    a["block_table"][1, 0] = a["k_cache"].shape[0]  # one past the pool, in use by sequence 1
+
+
+def _all_float32(a):
+    # The torch backend takes float32; the kernels do not.
+    a.update({name: a[name].float() for name in ("q", "k", "v", "k_cache", "v_cache")})
+
+
+def _fp8_without_scales(a):
+    a["k_cache"], a["v_cache"] = a["k_cache"].to(FP8), a["v_cache"].to(FP8)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (_bad_block_table, ValueError, r"block_table\[1, 0\] .* not a block index"),
+    (lambda a: a.update(cache_seqlens=a["cache_seqlens"] + 1000), ValueError,
+     "exceeds the cache capacity"),
+    (lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), TypeError,
+     "cache_seqlens must have dtype"),
+    (lambda a: a.update(block_table=a["block_table"].long()), TypeError,
+     "block_table must have dtype"),
+    (lambda a: a.update(k_cache=a["k_cache"].to(torch.bfloat16)), TypeError,
+     "k_cache must have dtype"),
+    (lambda a: a.update(v_cache=a["v_cache"][:, :, :1]), ValueError, "v_cache must have shape"),
+    (lambda a: a.update(k=a["k"][..., :1, :]), ValueError, "k must have shape"),
+    (lambda a: a.update(v=None), ValueError, "k and v must be given together"),
+    (lambda a: a.update(q=a["q"][:, :, :3]), ValueError, "multiple of heads"),
+    (_all_float32, ValueError, "does not support dtype"),
+    (_fp8_without_scales, ValueError, "k_scale is required"),
+    (lambda a: a.update(k_scale=torch.ones(1)), ValueError, "k_scale/v_scale are only valid"),
+    (lambda a: a.update(tree_mask=torch.ones(2, 3, 3, dtype=torch.bool)), ValueError,
+     "tree_mask must have shape"),
+    (lambda a: a.update(tree_mask=torch.ones(2, 1, 1, dtype=torch.bool), causal=True),
+     ValueError, "tree_mask replaces the causal mask"),
+    (lambda a: a.update(num_splits=-1), ValueError, "num_splits must be >= 0"),
+    (lambda a: a.update(window_size=(-2, 0)), ValueError, "window_size left"),
+])
+def test_kvcache_attention_errors(mutate, error, match):
+    args = make_inputs(Case(block_size=16), torch.float16, "cpu")
+    mutate(args)
+    with pytest.raises(error, match=match):
+        ember.ops.flash_attn_with_kvcache(**args, backend="triton")
+
+
+def test_kvcache_attention_unsupported_head_dim_errors():
+    args = make_inputs(Case(head_dim=80), torch.float16, "cpu")
+    with pytest.raises(ValueError, match="does not support head_dim 80"):
+        ember.ops.flash_attn_with_kvcache(**args, backend="triton")
+
+
 # ----------------------------------------------------------------------------------------------
 # merge_attn_states
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +415,19 @@ def test_merge_attn_states_is_attention_over_the_union(backend, device):
     # Only the halves' rounding to fp16 separates the merged from the whole attention.
     torch.testing.assert_close(out, whole_out[0], atol=2e-3, rtol=1e-2)
     torch.testing.assert_close(lse, whole_lse[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a: a.__setitem__(3, a[3][:, :-1]), ValueError, "lse_b must have shape"),
+    (lambda a: a.__setitem__(1, a[1].half()), TypeError, "lse_a must have dtype"),
+    (lambda a: a.__setitem__(2, a[2].float()), TypeError, "out_b must have dtype"),
+    (lambda a: a.__setitem__(1, a[1].T.contiguous().T), ValueError, "lse_a must be contiguous"),
+])
+def test_merge_attn_states_errors(mutate, error, match):
+    inputs = list(_merge_inputs(5, 2, 64, torch.float16, "cpu"))
+    mutate(inputs)
+    with pytest.raises(error, match=match):
+        ember.ops.merge_attn_states(*inputs, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------

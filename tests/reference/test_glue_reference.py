@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from helpers import assert_within_lowp_error
-
 from ember.ops import reference
+from helpers import assert_within_lowp_error
 
 LOWP = [torch.float16, torch.bfloat16]
 

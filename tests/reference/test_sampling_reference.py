@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-
 from ember.ops import reference
 
 try:

@@ -582,3 +582,6 @@ _registry.register("flash_attn_with_kvcache",
                    nki="ember.neuron_kernels.decode_attention:flash_attn_with_kvcache")
 _registry.register("merge_attn_states",
                    nki="ember.neuron_kernels.decode_attention:merge_attn_states")
+_registry.register("flash_attn_with_kvcache",
+                   cuda="ember.ops._cuda_decode:flash_attn_with_kvcache")
+_registry.register("merge_attn_states", cuda="ember.ops._cuda_decode:merge_attn_states")

@@ -1,0 +1,78 @@
+// flash_attn_with_kvcache: checks the launch-level arguments, dispatches on the head dim and,
+// with split-KV, folds the splits.
+#include <stdexcept>
+#include <string>
+
+#include "common/common.h"
+#include "decode/decode_attention.h"
+#include "decode/decode_attention_kernel.cuh"
+
+namespace ember {
+
+DecodeTileShape decode_tile_shape(int head_dim, int packed_rows) {
+  // The tile shape does not depend on the element types: read it off the fp16 configs.
+  const bool decode_layout = decode::decode_warps_m(packed_rows) == 1;
+  auto shape = [&](auto one, auto four) -> DecodeTileShape {
+    using One = decltype(one);
+    using Four = decltype(four);
+    return decode_layout ? DecodeTileShape{One::kBlockM, One::kBlockN}
+                         : DecodeTileShape{Four::kBlockM, Four::kBlockN};
+  };
+  using decode::DecodeConfig;
+  switch (head_dim) {
+    case 64:
+      return shape(DecodeConfig<__half, 64, 1, false>{}, DecodeConfig<__half, 64, 4, false>{});
+    case 96:
+      return shape(DecodeConfig<__half, 96, 1, false>{}, DecodeConfig<__half, 96, 4, false>{});
+    case 128:
+      return shape(DecodeConfig<__half, 128, 1, false>{}, DecodeConfig<__half, 128, 4, false>{});
+    case 256:
+      return shape(DecodeConfig<__half, 256, 1, false>{}, DecodeConfig<__half, 256, 4, false>{});
+    default:
+      throw std::invalid_argument(
+          "ember: flash_attn_with_kvcache: head_dim must be 64, 96, 128 or 256, got " +
+          std::to_string(head_dim));
+  }
+}
+
+void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
+                             std::intptr_t stream) {
+  // Python validates shapes and values; these guard the kernel's own assumptions.
+  const std::string op = "ember: flash_attn_with_kvcache: ";
+  if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) {
+    throw std::invalid_argument(op + "heads_q (" + std::to_string(p.heads_q) +
+                                ") must be a multiple of heads_kv (" + std::to_string(p.heads_kv) +
+                                ")");
+  }
+  if (p.batch > 65535 || p.heads_kv > 65535) {  // grid.z and grid.y
+    throw std::invalid_argument(op + "at most 65535 sequences and 65535 kv heads");
+  }
+  if (p.num_splits < 1) throw std::invalid_argument(op + "num_splits must be >= 1");
+  if (p.num_splits > 1 && (p.out_part == nullptr || p.lse_part == nullptr)) {
+    throw std::invalid_argument(op + "num_splits > 1 needs the out_part/lse_part workspace");
+  }
+  if (p.block_table != nullptr && (p.page_size < 16 || p.page_size % 16 != 0)) {
+    throw std::invalid_argument(op + "page size must be a positive multiple of 16, got " +
+                                std::to_string(p.page_size));
+  }
+  const bool fp8 = static_cast<DType>(cache_dtype) == DType::kFloat8E4M3;
+  if (!fp8 && cache_dtype != dtype) unsupported_dtype("flash_attn_with_kvcache(cache)", cache_dtype);
+  if (fp8 && (p.k_scale == nullptr || p.v_scale == nullptr)) {
+    throw std::invalid_argument(op + "fp8 caches need k_scale and v_scale");
+  }
+  if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return;  // nothing to write
+
+  const cudaStream_t s = as_stream(stream);
+  switch (p.head_dim) {
+    case 64: run_decode_hdim64(p, dtype, fp8, s); break;
+    case 96: run_decode_hdim96(p, dtype, fp8, s); break;
+    case 128: run_decode_hdim128(p, dtype, fp8, s); break;
+    case 256: run_decode_hdim256(p, dtype, fp8, s); break;
+    default:
+      throw std::invalid_argument(op + "head_dim must be 64, 96, 128 or 256, got " +
+                                  std::to_string(p.head_dim));
+  }
+  if (p.num_splits > 1) combine_splits(p, dtype, s);
+}
+
+}  // namespace ember

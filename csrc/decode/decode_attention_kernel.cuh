@@ -1,0 +1,709 @@
+// flash_attn_with_kvcache: Flash-Decoding over contiguous and paged KV caches (fp16/bf16 queries,
+// fp16/bf16/fp8-e4m3 caches, sm_80 and later; mma.sync tensor cores).
+//
+// Work and traffic for batch b, kv heads hkv, query heads hq = group * hkv, seqlen_q sq, keys
+// per sequence sk, head dim d, cache element size e (2, or 1 for fp8):
+//   Bytes  = 2 * b * sk * hkv * d * e                   (K and V, each read once)
+//            + 4 * b * sq * hq * d                        (q read, out written, 16-bit)
+//            + with S > 1 splits, 2 * 4 * S * b * sq * hq * (d + 1)  (float32 partials out and in)
+//   FLOPs  = 4 * b * sq * hq * sk * d.
+//   Decode (sq = 1) does 2 * group FLOPs per cache byte (8 for GQA 32:8 at 16 bits): far below
+//   the H100's ~300 FLOP/B ridge, so the bar is memory bandwidth; the kernel's job is to keep
+//   enough K/V bytes in flight on every SM and to read each K/V byte exactly once.
+//
+// Algorithm: one CTA of 4 warps per (query-row block, split, kv head, sequence).
+//   * GQA packing: the CTA owns all `group` query heads of its kv head, for every query position:
+//     packed row r is position r / group of head kv_head * group + r % group. K/V are read from
+//     memory once per kv head, whatever the group size.
+//   * Two warp layouts over a 16-row m16n8k16 MMA tile per warp:
+//       - decode (<= 16 packed rows): 1 x 4, one 16-row block shared by the 4 warps, each warp
+//         taking its own quarter of every K/V tile and keeping its own online softmax; the four
+//         partial states are merged through shared memory at the end. The padded rows cost
+//         tensor-core cycles only, which this memory-bound loop has to spare.
+//       - append / chunked prefill / tree (> 16 rows): 4 x 1, 64 rows, each warp 16 rows over
+//         the whole K/V tile (FlashAttention-2's split of the work).
+//   * K/V tiles stream through a multi-stage cp.async pipeline (16-byte copies, coalesced along
+//     head_dim, kStages - 1 tiles in flight while one is computed). A paged cache differs only
+//     in where row j lives: block block_table[b, j / page_size], slot j % page_size, so a tile
+//     may span several pages (any page size that is a multiple of 16). Rows past the sequence
+//     end are zero-filled, never read.
+//   * fp8 caches: tiles arrive as bytes, are widened to q's type in registers into a 16-bit tile
+//     (exactly: every e4m3 value is a 16-bit value), and the scales are applied outside the
+//     loop: k_scale joins the softmax scale, v_scale the final normalisation.
+//   * S = Q K^T and O += P V with mma.sync (f32 accumulate), online softmax in base 2, and the
+//     masks (sequence end, causal/window bounds around the bottom-right diagonal, tree mask over
+//     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
+//   * Split-KV: split s of S takes tiles [s * ceil(T / S), (s + 1) * ceil(T / S)) of the T tiles
+//     the block's rows can see (ember.ops._split_kv's rule). With S > 1 every split writes its
+//     float32 partial output and LSE (an empty split: zeros and -inf) and merge_states.cu folds
+//     them with the math of merge_attn_states.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+// Swizzled shared-memory tiles, ldmatrix / mma.sync / cp.async wrappers of the prefill kernel.
+#include "attention/flash_fwd_kernel.cuh"
+#include "common/common.h"
+#include "decode/decode_attention.h"
+
+namespace ember {
+namespace decode {
+
+using flash::cp_async_16;
+using flash::cp_async_commit;
+using flash::cp_async_wait;
+using flash::frag_addr;
+using flash::lane_offsets;
+using flash::LaneOffsets;
+using flash::ldmatrix_x4;
+using flash::ldmatrix_x4_trans;
+using flash::mma_16816;
+using flash::pack2;
+using flash::smem_u32;
+using flash::tile_offset;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Rows of the query block per warp: one m16n8k16 tile.
+constexpr int kWarpRows = 16;
+constexpr int kWarps = 4;
+// More packed rows than one warp tile switch to the 4 x 1 warp layout.
+inline int decode_warps_m(int packed_rows) { return packed_rows <= kWarpRows ? 1 : kWarps; }
+
+// Keep a CTA's shared memory at most this large so that two CTAs share an H100 SM (228 KB):
+// while one waits on a barrier or its softmax, the other's copies keep the memory busy.
+constexpr int kTwoPerSmBytes = 100 * 1024;
+
+template <typename T_, int kHeadDim_, int kWarpsM_, bool kFp8_>
+struct DecodeConfig {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarpsM = kWarpsM_;
+  static constexpr int kWarpsN = kWarps / kWarpsM;
+  static constexpr bool kFp8 = kFp8_;
+  static constexpr int kThreads = kWarps * 32;
+
+  static constexpr int kBlockM = kWarpRows * kWarpsM;
+  // 16 keys per warp and tile in the decode layout (the k16 step of P V); 64-key tiles in the
+  // append layout, 32 at d = 256 to keep the shared memory of two stages under the budget.
+  static constexpr int kBlockN = (kWarpsM == 1 || kHeadDim <= 128) ? 64 : 32;
+  static constexpr int kWarpKeys = kBlockN / kWarpsN;
+  static constexpr int kNTiles = kWarpKeys / 8;  // n8 tiles of S per warp
+  static constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O per warp
+  static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per 16-bit row
+  // Q fragments live in registers unless they would crowd out O (d = 256).
+  static constexpr bool kQInRegs = kHeadDim <= 128;
+
+  // Swizzle parameters read by flash::tile_offset / frag_addr / lane_offsets: column blocks of 8
+  // chunks (128 bytes) when d is a multiple of 64, else 4.
+  static constexpr int kBlockChunks = kHeadDim % 64 == 0 ? 8 : 4;
+  static constexpr int kRowBytes = kBlockChunks * 16;
+  static constexpr int kSwizzleShift = kBlockChunks == 8 ? 0 : 1;
+
+  // Global -> shared copies: 16-byte chunks of 8 (16-bit) or 16 (fp8) elements.
+  static constexpr int kCopyElems = kFp8 ? 16 : 8;
+  static constexpr int kCopyChunks = kHeadDim / kCopyElems;  // per cache row
+
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kTileBytes = kBlockN * kHeadDim * 2;  // one 16-bit K or V tile
+  static constexpr int kRawTileBytes = kBlockN * kHeadDim * (kFp8 ? 1 : 2);
+  static constexpr int kStageBytes = 2 * kRawTileBytes;      // K then V, as loaded
+  static constexpr int kCvtBytes = kFp8 ? 2 * kTileBytes : 0;  // widened fp8 K then V
+
+  static constexpr int stages() {
+    for (int s = 4; s > 2; --s) {
+      if (kQBytes + s * kStageBytes + kCvtBytes <= kTwoPerSmBytes) return s;
+    }
+    return 2;
+  }
+  static constexpr int kStages = stages();
+  static constexpr int kMainBytes = kQBytes + kStages * kStageBytes + kCvtBytes;
+
+  // Epilogue: each warp column's O rows as float32, rows padded by 8 floats so the float2
+  // stores of a half-warp (4 rows x 4 lanes) hit 32 distinct banks; then row max and row sum.
+  static constexpr int kOStride = kHeadDim + 8;
+  static constexpr int kCombineBytes = kWarpsN * kBlockM * kOStride * 4;
+  static constexpr int kStatsOffset = kMainBytes > kCombineBytes ? kMainBytes : kCombineBytes;
+  static constexpr int kSmemBytes = kStatsOffset + 2 * kWarpsN * kBlockM * 4;
+  static constexpr int kMinBlocks = kSmemBytes <= kTwoPerSmBytes + 4096 ? 2 : 1;
+
+  static_assert(sizeof(T) == 2, "fp16/bf16 queries only");
+  static_assert(kHeadDim % 32 == 0 && kWarpKeys % 16 == 0, "tile shape");
+  static_assert(kChunks % kBlockChunks == 0, "head_dim must fill whole column blocks");
+};
+
+// ------------------------------------------------------------------------------------------
+// fp8 e4m3 -> 16-bit, exact
+// ------------------------------------------------------------------------------------------
+// e4m3 is sign, 4 exponent bits (bias 7), 3 mantissa bits. Placing those 7 bits under the
+// exponent/mantissa fields of fp16 (bias 15) or bf16 (bias 127) gives the value times 2^-8 or
+// 2^-120 (subnormals included, as both formats have room below e4m3's range); one multiply by
+// the power of two restores it, exactly. e4m3's NaN code (never written by store_kvcache, which
+// saturates) would read as +-480.
+
+template <typename T>
+struct Fp8Widen;
+
+template <>
+struct Fp8Widen<__half> {
+  static constexpr int kShift = 1;  // byte << 8 >> 1: 7 bits under fp16's 5+10
+  static constexpr uint32_t kFieldMask = 0x3F803F80u;
+  static constexpr uint32_t kRestore = 0x5C005C00u;  // 2^8 in both halves
+  __device__ __forceinline__ static uint32_t restore(uint32_t x) {
+    __half2 h = *reinterpret_cast<const __half2*>(&x);
+    const uint32_t restore_bits = kRestore;
+    const __half2 r = *reinterpret_cast<const __half2*>(&restore_bits);
+    h = __hmul2(h, r);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+
+template <>
+struct Fp8Widen<__nv_bfloat16> {
+  static constexpr int kShift = 4;  // byte << 8 >> 4: 7 bits under bf16's 8+7
+  static constexpr uint32_t kFieldMask = 0x07F007F0u;
+  static constexpr uint32_t kRestore = 0x7B807B80u;  // 2^120 in both halves
+  __device__ __forceinline__ static uint32_t restore(uint32_t x) {
+    __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&x);
+    const uint32_t restore_bits = kRestore;
+    const __nv_bfloat162 r = *reinterpret_cast<const __nv_bfloat162*>(&restore_bits);
+    h = __hmul2(h, r);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+
+// Two e4m3 bytes of `x` (selected by `perm`, see widen4) -> two 16-bit values in one register.
+template <typename T>
+__device__ __forceinline__ uint32_t widen2(uint32_t x, uint32_t perm) {
+  using W = Fp8Widen<T>;
+  const uint32_t y = __byte_perm(x, 0u, perm);  // bytes at bits 8..15 and 24..31
+  const uint32_t bits = (y & 0x80008000u) | ((y >> W::kShift) & W::kFieldMask);
+  return W::restore(bits);
+}
+
+// Four e4m3 values (byte 0 first) -> four 16-bit values in two registers.
+template <typename T>
+__device__ __forceinline__ void widen4(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  lo = widen2<T>(x, 0x1404u);  // byte 0 -> bits 8..15, byte 1 -> bits 24..31, zeros elsewhere
+  hi = widen2<T>(x, 0x3424u);  // bytes 2 and 3
+}
+
+// ------------------------------------------------------------------------------------------
+// Tile loads
+// ------------------------------------------------------------------------------------------
+
+// Query rows [r0, r0 + rows_here) of the packed block into the swizzled Q tile (zero rows after).
+template <class Cfg>
+__device__ __forceinline__ void load_q_tile(uint32_t s_q, const DecodeParams& p, int b,
+                                            int kv_head, int group, int r0, int rows_here,
+                                            int tid) {
+  using T = typename Cfg::T;
+  constexpr int kItems = Cfg::kBlockM * Cfg::kChunks;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+#pragma unroll
+  for (int i = 0; i < (kItems + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
+    const int idx = i * Cfg::kThreads + tid;
+    if (kItems % Cfg::kThreads == 0 || idx < kItems) {
+      const int row = idx / Cfg::kChunks;
+      const int chunk = idx % Cfg::kChunks;
+      const bool valid = row < rows_here;
+      const int packed = r0 + row;
+      const int pos = packed / group;
+      const int head = kv_head * group + (packed - pos * group);
+      const T* src = valid ? q + pos * p.q_row_stride + head * p.q_head_stride + chunk * 8 : q;
+      cp_async_16(s_q + tile_offset<Cfg, Cfg::kBlockM>(row, chunk), src, valid);
+    }
+  }
+}
+
+// Issues the copies of K/V tile `tile` (keys [tile * kBlockN, + kBlockN)) into one stage. 16-bit
+// caches land in swizzled tiles ready for ldmatrix; fp8 caches land as plain rows of head_dim
+// bytes, widened later by widen_tile. Keys at or past seqlen_k are zero-filled without a read,
+// so their block_table entries are never looked up either.
+template <class Cfg>
+__device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
+                                             int b, int kv_head, int tile, int seqlen_k,
+                                             int tid) {
+  using E = std::conditional_t<Cfg::kFp8, uint8_t, typename Cfg::T>;
+  constexpr int kItems = Cfg::kBlockN * Cfg::kCopyChunks;
+  const E* k = static_cast<const E*>(p.k_cache) + kv_head * p.k_head_stride;
+  const E* v = static_cast<const E*>(p.v_cache) + kv_head * p.v_head_stride;
+#pragma unroll
+  for (int i = 0; i < (kItems + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
+    const int idx = i * Cfg::kThreads + tid;
+    if (kItems % Cfg::kThreads == 0 || idx < kItems) {
+      const int row = idx / Cfg::kCopyChunks;
+      const int chunk = idx % Cfg::kCopyChunks;
+      const int key = tile * Cfg::kBlockN + row;
+      const bool valid = key < seqlen_k;
+      int64_t block = b;
+      int slot = key;
+      if (p.block_table != nullptr && valid) {
+        const int page = __umulhi(static_cast<uint32_t>(key), p.page_div_mul) >> p.page_div_shift;
+        slot = key - page * p.page_size;
+        block = p.block_table[static_cast<int64_t>(b) * p.max_blocks + page];
+      }
+      const E* k_src = valid ? k + block * p.k_batch_stride + slot * p.k_row_stride : k;
+      const E* v_src = valid ? v + block * p.v_batch_stride + slot * p.v_row_stride : v;
+      const int col = chunk * Cfg::kCopyElems;
+      uint32_t dst;
+      if constexpr (Cfg::kFp8) {
+        dst = row * Cfg::kHeadDim + col;
+      } else {
+        dst = tile_offset<Cfg, Cfg::kBlockN>(row, chunk);
+      }
+      cp_async_16(s_k + dst, k_src + col, valid);
+      cp_async_16(s_v + dst, v_src + col, valid);
+    }
+  }
+}
+
+// fp8 only: widens a raw K or V tile (rows of head_dim bytes) into a swizzled 16-bit tile.
+template <class Cfg>
+__device__ __forceinline__ void widen_tile(unsigned char* dst, const unsigned char* raw,
+                                           int tid) {
+  using T = typename Cfg::T;
+  constexpr int kItems = Cfg::kBlockN * Cfg::kCopyChunks;
+  static_assert(kItems % Cfg::kThreads == 0, "fp8 tiles split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < kItems / Cfg::kThreads; ++i) {
+    const int idx = i * Cfg::kThreads + tid;
+    const int row = idx / Cfg::kCopyChunks;
+    const int chunk = idx % Cfg::kCopyChunks;
+    const uint4 x = *reinterpret_cast<const uint4*>(raw + row * Cfg::kHeadDim + chunk * 16);
+    uint4 lo, hi;  // 16-bit chunks 2 * chunk and 2 * chunk + 1 of the row
+    widen4<T>(x.x, lo.x, lo.y);
+    widen4<T>(x.y, lo.z, lo.w);
+    widen4<T>(x.z, hi.x, hi.y);
+    widen4<T>(x.w, hi.z, hi.w);
+    *reinterpret_cast<uint4*>(dst + tile_offset<Cfg, Cfg::kBlockN>(row, 2 * chunk)) = lo;
+    *reinterpret_cast<uint4*>(dst + tile_offset<Cfg, Cfg::kBlockN>(row, 2 * chunk + 1)) = hi;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// One K/V tile for one warp: S = Q K^T over the warp's keys, mask, online softmax, O += P V
+// ------------------------------------------------------------------------------------------
+
+// What a lane needs to mask its two rows (lane / 4 and lane / 4 + 8 of the warp's 16): key j is
+// visible iff lo[r] <= j < hi[r] and, with tree[r] set, j < diag or tree[r][j - diag].
+struct RowMask {
+  int lo[2], hi[2];
+  const uint8_t* tree[2];
+  int diag;
+};
+
+template <class Cfg>
+using QFrag = uint32_t[Cfg::kQInRegs ? Cfg::kHeadDim / 16 : 1][4];
+
+template <class Cfg, bool kMask>
+__device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], float (&row_max)[2],
+                                            float (&row_sum)[2], const QFrag<Cfg>& q_frag,
+                                            uint32_t s_q, uint32_t s_k, uint32_t s_v,
+                                            const LaneOffsets<Cfg>& lo, int warp_m, int key16,
+                                            int key0, const RowMask& rm, float scale_log2) {
+  using T = typename Cfg::T;
+  constexpr int kNT = Cfg::kNTiles;
+
+  // ---- S = Q K^T over keys key0 .. key0 + kWarpKeys - 1 (16-row groups key16 ..) ----
+  float s[kNT][4];
+#pragma unroll
+  for (int nj = 0; nj < kNT; ++nj)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nj][e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks) {
+    uint32_t a[4];
+    if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = q_frag[ks][e];
+    } else {
+      ldmatrix_x4(a, frag_addr<Cfg, Cfg::kBlockM>(s_q, lo.qv, warp_m, ks));
+    }
+#pragma unroll
+    for (int nj = 0; nj < kNT / 2; ++nj) {
+      uint32_t bk[4];
+      ldmatrix_x4(bk, frag_addr<Cfg, Cfg::kBlockN>(s_k, lo.k, key16 + nj, ks));
+      mma_16816<T>(s[2 * nj], a, bk[0], bk[1]);
+      mma_16816<T>(s[2 * nj + 1], a, bk[2], bk[3]);
+    }
+  }
+
+  // ---- scale into log2 units first (the scale's sign then cannot upset the max), and mask ----
+  const int lane_key = key0 + 2 * (threadIdx.x & 3);
+#pragma unroll
+  for (int nj = 0; nj < kNT; ++nj) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[nj][e] * scale_log2;
+      if constexpr (kMask) {
+        const int r = e >> 1;
+        const int j = lane_key + nj * 8 + (e & 1);
+        bool visible = j >= rm.lo[r] && j < rm.hi[r];
+        // The tree rows are read only for keys of the sequence (j < hi <= seqlen_k), so
+        // j - diag < seqlen_q.
+        if (visible && rm.tree[r] != nullptr && j >= rm.diag) visible = rm.tree[r][j - rm.diag] != 0;
+        if (!visible) x = -INFINITY;
+      }
+      s[nj][e] = x;
+    }
+  }
+
+  // ---- online softmax (base 2); P overwrites S ----
+  float correction[2];
+  bool max_moved = false;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float m = row_max[r];
+#pragma unroll
+    for (int nj = 0; nj < kNT; ++nj) m = fmaxf(m, fmaxf(s[nj][2 * r], s[nj][2 * r + 1]));
+    // The 4 lanes of a quad share a row.
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    // Until a row has seen a key its max is -inf; shifting by 0 then keeps exp2 at 0 instead of
+    // the NaN of (-inf) - (-inf).
+    const float shift = m == -INFINITY ? 0.f : m;
+    correction[r] = exp2f(row_max[r] - shift);
+    max_moved |= m != row_max[r];
+    row_max[r] = m;
+    float sum = 0.f;
+#pragma unroll
+    for (int nj = 0; nj < kNT; ++nj) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float pv = exp2f(s[nj][2 * r + c] - shift);
+        s[nj][2 * r + c] = pv;
+        sum += pv;
+      }
+    }
+    // Per-lane partial sums; the quad shares the max, so they add up in the epilogue.
+    row_sum[r] = row_sum[r] * correction[r] + sum;
+  }
+  // A max that did not move means a correction of exactly 1: past the first tiles, the common
+  // case, so the rescale of O is skipped when no row of the warp moved.
+  if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+    for (int dn = 0; dn < Cfg::kDTiles; ++dn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[dn][e] *= correction[e >> 1];
+  }
+
+  // ---- O += P V: the S accumulators of key tiles 2ks and 2ks + 1 form the A fragment ----
+#pragma unroll
+  for (int ks = 0; ks < kNT / 2; ++ks) {
+    uint32_t a[4];
+    a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
+    a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
+    a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+    a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+#pragma unroll
+    for (int dn = 0; dn < Cfg::kHeadDim / 16; ++dn) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, frag_addr<Cfg, Cfg::kBlockN>(s_v, lo.qv, key16 + ks, dn));
+      mma_16816<T>(acc_o[2 * dn], a, bv[0], bv[1]);
+      mma_16816<T>(acc_o[2 * dn + 1], a, bv[2], bv[3]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// The kernel
+// ------------------------------------------------------------------------------------------
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+    decode_attention_kernel(const __grid_constant__ DecodeParams p) {
+  using T = typename Cfg::T;
+  constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kStages = Cfg::kStages;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int split = blockIdx.x % p.num_splits;
+  const int m_block = blockIdx.x / p.num_splits;
+  const int kv_head = blockIdx.y;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / Cfg::kWarpsN, warp_n = warp % Cfg::kWarpsN;
+
+  const int group = p.heads_q / p.heads_kv;
+  const int r0 = m_block * kBM;
+  const int rows_here = min(kBM, group * p.seqlen_q - r0);
+  const int seqlen_k = p.seqlens_k[b];
+  const int diag = seqlen_k - p.seqlen_q;  // query position i sits on key i + diag
+  const int first_q = r0 / group;
+  const int last_q = (r0 + rows_here - 1) / group;
+
+  // Keys any row of the block may see, as whole tiles, and this split's share of them.
+  const int key_lo = p.window_left >= 0 ? max(0, first_q + diag - p.window_left) : 0;
+  const int key_hi =
+      p.window_right >= 0 ? min(seqlen_k, last_q + diag + p.window_right + 1) : seqlen_k;
+  const int tile_lo = key_lo / kBN;
+  const int num_tiles = key_hi > key_lo ? (key_hi + kBN - 1) / kBN - tile_lo : 0;
+  const int per_split = (num_tiles + p.num_splits - 1) / p.num_splits;
+  const int t_begin = tile_lo + split * per_split;
+  const int t_end = min(t_begin + per_split, tile_lo + num_tiles);
+
+  float scale_log2 = p.softmax_scale * kLog2e;
+  if constexpr (Cfg::kFp8) scale_log2 *= *p.k_scale;
+
+  const uint32_t s_q = smem_u32(smem);
+  const uint32_t s_stages = s_q + Cfg::kQBytes;  // stage s: K at s * kStageBytes, V after it
+  const uint32_t s_cvt = s_stages + kStages * Cfg::kStageBytes;  // fp8: widened K, then V
+
+  float acc_o[Cfg::kDTiles][4];
+#pragma unroll
+  for (int dn = 0; dn < Cfg::kDTiles; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[dn][e] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  // A split without tiles goes straight to the epilogue: zeros and lse = -inf.
+  if (t_begin < t_end) {
+    // This lane's two rows and their visible key ranges.
+    RowMask rm;
+    rm.diag = diag;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_m * kWarpRows + (lane >> 2) + 8 * r;
+      const int pos = (r0 + row) / group;
+      if (row < rows_here) {
+        rm.lo[r] = p.window_left >= 0 ? pos + diag - p.window_left : 0;
+        rm.hi[r] = p.window_right >= 0 ? min(seqlen_k, pos + diag + p.window_right + 1)
+                                       : seqlen_k;
+        rm.tree[r] = p.tree_mask == nullptr
+                         ? nullptr
+                         : p.tree_mask + (static_cast<int64_t>(b) * p.seqlen_q + pos) * p.seqlen_q;
+      } else {  // padding row of the last block: sees nothing and is never stored
+        rm.lo[r] = 0;
+        rm.hi[r] = 0;
+        rm.tree[r] = nullptr;
+      }
+    }
+    const LaneOffsets<Cfg> lo = lane_offsets<Cfg>(lane);
+
+    load_q_tile<Cfg>(s_q, p, b, kv_head, group, r0, rows_here, tid);
+    cp_async_commit();
+    // Prologue: the first kStages - 1 tiles, one commit group each (empty groups keep the count
+    // uniform, so cp_async_wait's constant stays right when the split is short).
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (t_begin + s < t_end) {
+        const uint32_t st = s_stages + s * Cfg::kStageBytes;
+        load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, t_begin + s, seqlen_k,
+                          tid);
+      }
+      cp_async_commit();
+    }
+
+    QFrag<Cfg> q_frag;
+    cp_async_wait<kStages - 1>();  // the Q group
+    __syncthreads();
+    if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+      for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks)
+        ldmatrix_x4(q_frag[ks], frag_addr<Cfg, kBM>(s_q, lo.qv, warp_m, ks));
+    }
+
+    int stage = 0;
+    for (int t = t_begin; t < t_end; ++t) {
+      // Tile t has landed for every thread, and every warp is done with tile t - 1, whose stage
+      // (and, for fp8, the widened tiles) the next copies overwrite.
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      {
+        const int ahead = t + kStages - 1;
+        const int ahead_stage = stage == 0 ? kStages - 1 : stage - 1;
+        if (ahead < t_end) {
+          const uint32_t st = s_stages + ahead_stage * Cfg::kStageBytes;
+          load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, ahead, seqlen_k, tid);
+        }
+        cp_async_commit();
+      }
+      uint32_t s_k = s_stages + stage * Cfg::kStageBytes;
+      uint32_t s_v = s_k + Cfg::kRawTileBytes;
+      if constexpr (Cfg::kFp8) {
+        unsigned char* raw = smem + (s_k - s_q);
+        unsigned char* cvt = smem + (s_cvt - s_q);
+        widen_tile<Cfg>(cvt, raw, tid);
+        widen_tile<Cfg>(cvt + Cfg::kTileBytes, raw + Cfg::kRawTileBytes, tid);
+        __syncthreads();
+        s_k = s_cvt;
+        s_v = s_cvt + Cfg::kTileBytes;
+      }
+
+      // Uniform over the CTA: some (row, key) pair of the tile lies past the sequence end,
+      // right of the first row's right bound, left of the last row's left bound, or among the
+      // tree keys.
+      const int n0 = t * kBN;
+      const bool need_mask =
+          n0 + kBN > seqlen_k ||
+          (p.window_right >= 0 && n0 + kBN - 1 > first_q + diag + p.window_right) ||
+          (p.window_left >= 0 && n0 < last_q + diag - p.window_left) ||
+          (p.tree_mask != nullptr && n0 + kBN > diag);
+      const int key16 = warp_n * (Cfg::kWarpKeys / 16);
+      const int key0 = n0 + warp_n * Cfg::kWarpKeys;
+      if (need_mask) {
+        attend_tile<Cfg, true>(acc_o, row_max, row_sum, q_frag, s_q, s_k, s_v, lo, warp_m, key16,
+                               key0, rm, scale_log2);
+      } else {
+        attend_tile<Cfg, false>(acc_o, row_max, row_sum, q_frag, s_q, s_k, s_v, lo, warp_m,
+                                key16, key0, rm, scale_log2);
+      }
+      stage = stage + 1 == kStages ? 0 : stage + 1;
+    }
+  }
+
+  // ---- epilogue: merge the warp columns' states, normalise, store ----
+  // The buffers below reuse the Q and stage space: wait until no copy or read of it is pending.
+  cp_async_wait<0>();
+  __syncthreads();
+  float* s_o = reinterpret_cast<float*>(smem);  // [kWarpsN][kBM][kOStride]
+  float* s_m = reinterpret_cast<float*>(smem + Cfg::kStatsOffset);  // [kWarpsN][kBM], log2 units
+  float* s_l = s_m + Cfg::kWarpsN * kBM;                            // [kWarpsN][kBM]
+  const int quad_row = warp_m * kWarpRows + (lane >> 2);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if ((lane & 3) == 0) {
+      s_m[warp_n * kBM + quad_row + 8 * r] = row_max[r];
+      s_l[warp_n * kBM + quad_row + 8 * r] = l;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = quad_row + 8 * r;
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < Cfg::kWarpsN; ++w) top = fmaxf(top, s_m[w * kBM + row]);
+    // This warp's weight in the merged row; 0 when it saw no key of the row.
+    const float weight = row_max[r] == -INFINITY ? 0.f : exp2f(row_max[r] - top);
+    float* dst = s_o + (warp_n * kBM + row) * Cfg::kOStride + 2 * (lane & 3);
+#pragma unroll
+    for (int dn = 0; dn < Cfg::kDTiles; ++dn) {
+      *reinterpret_cast<float2*>(dst + dn * 8) =
+          make_float2(acc_o[dn][2 * r] * weight, acc_o[dn][2 * r + 1] * weight);
+    }
+  }
+  __syncthreads();
+
+  const float v_scale = Cfg::kFp8 ? *p.v_scale : 1.f;
+  const bool partial = p.num_splits > 1;
+  constexpr int kQuads = Cfg::kHeadDim / 4;  // 4 output values per thread and step
+#pragma unroll
+  for (int i = 0; i < (kBM * kQuads + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
+    const int idx = i * Cfg::kThreads + tid;
+    const int row = idx / kQuads;
+    const int col = (idx % kQuads) * 4;
+    if (row >= rows_here) continue;
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < Cfg::kWarpsN; ++w) top = fmaxf(top, s_m[w * kBM + row]);
+    float total = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < Cfg::kWarpsN; ++w) {
+      const float m = s_m[w * kBM + row];
+      if (m != -INFINITY) total += s_l[w * kBM + row] * exp2f(m - top);
+      const float4 part = *reinterpret_cast<const float4*>(s_o + (w * kBM + row) * Cfg::kOStride + col);
+      o.x += part.x;
+      o.y += part.y;
+      o.z += part.z;
+      o.w += part.w;
+    }
+    // total == 0 only for a row that saw no key: zeros and lse = -inf.
+    const float inv = total > 0.f ? v_scale / total : 0.f;
+    const float lse = total > 0.f ? (top + __log2f(total)) * kLn2 : -INFINITY;
+    const int packed = r0 + row;
+    const int pos = packed / group;
+    const int head = kv_head * group + (packed - pos * group);
+    if (partial) {
+      float* dst = p.out_part + split * p.part_split_stride + b * p.part_batch_stride +
+                   pos * p.part_row_stride + head * p.part_head_stride + col;
+      *reinterpret_cast<float4*>(dst) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+      if (col == 0) {
+        p.lse_part[split * p.lse_part_split_stride + b * p.lse_part_batch_stride +
+                   head * p.lse_part_head_stride + pos] = lse;
+      }
+    } else {
+      T* dst = static_cast<T*>(p.out) + b * p.o_batch_stride + pos * p.o_row_stride +
+               head * p.o_head_stride + col;
+      uint2 packed2;
+      packed2.x = pack2<T>(o.x * inv, o.y * inv);
+      packed2.y = pack2<T>(o.z * inv, o.w * inv);
+      *reinterpret_cast<uint2*>(dst) = packed2;
+      if (col == 0) p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + pos] = lse;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Launch
+// ------------------------------------------------------------------------------------------
+
+// Opting in to more than 48 KB of dynamic shared memory is per device and kernel; done once.
+template <class Cfg>
+void ensure_smem_limit() {
+  if constexpr (Cfg::kSmemBytes > 48 * 1024) {
+    static std::atomic<uint64_t> configured{0};
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+    if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit)) return;
+    int optin = 0;
+    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute");
+    if (Cfg::kSmemBytes > optin) {
+      throw std::invalid_argument(
+          "ember: flash_attn_with_kvcache: head_dim " + std::to_string(Cfg::kHeadDim) +
+          " needs " + std::to_string(Cfg::kSmemBytes) +
+          " bytes of shared memory per block; this GPU allows " + std::to_string(optin));
+    }
+    check_cuda(cudaFuncSetAttribute(decode_attention_kernel<Cfg>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+               "cudaFuncSetAttribute(decode_attention_kernel)");
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+}
+
+template <class Cfg>
+void launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
+  ensure_smem_limit<Cfg>();
+  const int64_t rows = static_cast<int64_t>(p.heads_q / p.heads_kv) * p.seqlen_q;
+  const int64_t m_blocks = (rows + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const dim3 grid(static_cast<unsigned>(m_blocks * p.num_splits), p.heads_kv, p.batch);
+  decode_attention_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  check_launch("decode_attention_kernel");
+}
+
+// Instantiates the two warp layouts for one head dim, q dtype and cache kind.
+template <typename T, int kHeadDim, bool kFp8>
+void run_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (decode_warps_m(p.heads_q / p.heads_kv * p.seqlen_q) == 1) {
+    launch_decode_attention<DecodeConfig<T, kHeadDim, 1, kFp8>>(p, stream);
+  } else {
+    launch_decode_attention<DecodeConfig<T, kHeadDim, kWarps, kFp8>>(p, stream);
+  }
+}
+
+template <int kHeadDim>
+void run_decode_hdim(const DecodeParams& p, int dtype, bool fp8, cudaStream_t stream) {
+  EMBER_DISPATCH_HALF_TYPES(dtype, "flash_attn_with_kvcache", [&] {
+    if (fp8) {
+      run_decode<scalar_t, kHeadDim, true>(p, stream);
+    } else {
+      run_decode<scalar_t, kHeadDim, false>(p, stream);
+    }
+  });
+}
+
+}  // namespace decode
+}  // namespace ember

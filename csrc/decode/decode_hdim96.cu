@@ -1,0 +1,11 @@
+// flash_attn_with_kvcache, head_dim 96: both warp layouts, fp16/bf16 queries, 16-bit or fp8
+// caches (tile shapes and stage counts follow from DecodeConfig).
+#include "decode/decode_attention_kernel.cuh"
+
+namespace ember {
+
+void run_decode_hdim96(const DecodeParams& p, int dtype, bool fp8, cudaStream_t stream) {
+  decode::run_decode_hdim<96>(p, dtype, fp8, stream);
+}
+
+}  // namespace ember

@@ -1,0 +1,105 @@
+"""CUDA backend of ``flash_attn_with_kvcache`` and ``merge_attn_states``: launch wrappers for the
+kernels in ``csrc/decode/`` (through ``ember._C``).
+
+The public functions in ``ember.ops.attention`` have validated the inputs and resolved the
+defaults (see that module's docstring for what a backend may assume); this module turns tensors
+into pointers, strides, dtype codes and the current stream, allocates the outputs and the
+split-KV workspace, and plans the split count with the rule every backend shares
+(``ember.ops._split_kv``), from shapes only: nothing here waits for the GPU, so the ops can be
+captured in CUDA graphs.
+"""
+
+import math
+
+import torch
+
+from ember.ops import _ext
+from ember.ops._split_kv import plan_splits, sm_count
+
+
+def _rows_16b_aligned(t: torch.Tensor) -> bool:
+    """Every row (last axis) of ``t`` starts on a 16-byte boundary: the kernels copy 16-byte
+    vectors."""
+    elems = 16 // t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s % elems == 0 for s in t.stride()[:-1])
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # Layouts from a model or an engine are aligned (head dims are multiples of 16 elements);
+    # anything else gets a contiguous copy rather than a misaligned vector access.
+    return t if _rows_16b_aligned(t) else t.contiguous()
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
+                            window_left, window_right, num_splits, tree_mask, k_scale, v_scale):
+    """CUDA backend of ``ember.ops.flash_attn_with_kvcache`` (new tokens are already in the
+    cache, so the caches are only read).
+
+    Args:
+        q: ``[batch, seqlen_q, heads_q, d]`` float16/bfloat16, d in (64, 96, 128, 256).
+        k_cache, v_cache: ``[batch, capacity, heads_kv, d]``, or paged ``[num_blocks,
+            page_size, heads_kv, d]`` with ``block_table``; q's dtype or float8_e4m3fn.
+        seqlens_k: int32 ``[batch]``, keys to attend per sequence (read on the device).
+        block_table: int32 ``[batch, max_blocks]`` (contiguous) or None.
+        softmax_scale, window_left, window_right: resolved; ``causal`` arrives folded into
+            ``window_right == 0`` and is not used again.
+        num_splits: 0 plans the split-KV count, > 0 is honoured.
+        tree_mask: bool ``[batch, seqlen_q, seqlen_q]`` (contiguous) or None.
+        k_scale, v_scale: float32 one-element tensors for fp8 caches, else None.
+
+    Returns:
+        ``(out [batch, seqlen_q, heads_q, d] in q's dtype, lse float32 [batch, heads_q,
+        seqlen_q])``.
+    """
+    del causal
+    ext = _ext.load_extension()
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k_cache.shape[2]
+    paged = block_table is not None
+    capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
+    packed_rows = heads_q // heads_kv * seqlen_q
+    block_m, block_n = ext.decode_tile_shape(head_dim, packed_rows)
+    splits = plan_splits(sm_count(q.device), batch, heads_kv, capacity, block_n,
+                         num_splits=num_splits,
+                         m_blocks=math.ceil(packed_rows / block_m)).num_splits
+
+    q, k_cache, v_cache = _aligned(q), _aligned(k_cache), _aligned(v_cache)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
+    out_part = lse_part = None
+    if splits > 1:
+        out_part = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(splits, batch, heads_q, seqlen_q, dtype=torch.float32,
+                               device=q.device)
+    ext.flash_attn_with_kvcache(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens_k.data_ptr(),
+        _ext.ptr(block_table), _ext.ptr(tree_mask), _ext.ptr(k_scale), _ext.ptr(v_scale),
+        out.data_ptr(), lse.data_ptr(), _ext.ptr(out_part), _ext.ptr(lse_part),
+        batch, seqlen_q, heads_q, heads_kv, head_dim, splits,
+        k_cache.shape[1] if paged else 0, block_table.shape[1] if paged else 0,
+        q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],
+        lse.stride()[:2],
+        out_part.stride()[:4] if out_part is not None else (0, 0, 0, 0),
+        lse_part.stride()[:3] if lse_part is not None else (0, 0, 0),
+        softmax_scale, window_left, window_right,
+        _ext.dtype_code(q), _ext.dtype_code(k_cache), _ext.stream_of(q))
+    return out, lse
+
+
+def merge_attn_states(out_a, lse_a, out_b, lse_b):
+    """CUDA backend of ``ember.ops.merge_attn_states``.
+
+    out_a, out_b ``[tokens, heads, d]`` float16/bfloat16 (any token/head strides, contiguous
+    d); lse_a, lse_b contiguous float32 ``[heads, tokens]``. Returns ``(out [tokens, heads, d]
+    in out_a's dtype, lse float32 [heads, tokens])``.
+    """
+    tokens, heads, head_dim = out_a.shape
+    out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
+    lse = torch.empty(heads, tokens, dtype=torch.float32, device=out_a.device)
+    _ext.load_extension().merge_attn_states(
+        out_a.data_ptr(), lse_a.data_ptr(), out_b.data_ptr(), lse_b.data_ptr(),
+        out.data_ptr(), lse.data_ptr(), tokens, heads, head_dim,
+        out_a.stride()[:2], out_b.stride()[:2], out.stride()[:2],
+        lse_a.stride(0), lse_b.stride(0), lse.stride(0),
+        _ext.dtype_code(out_a), _ext.stream_of(out_a))
+    return out, lse

@@ -1,0 +1,42 @@
+"""Engine tests run on a tiny random Llama saved as a Hugging Face folder."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from tiny_checkpoints import save_tiny_checkpoint  # noqa: E402
+
+import ember  # noqa: E402
+
+VOCAB = 300
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The tiny model's ops are microseconds long: a thread pool only adds synchronisation.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """``(folder, transformers model)`` of a tiny random Llama without EOS ids."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = save_tiny_checkpoint(folder, "llama", vocab_size=VOCAB)
+    return folder, model
+
+
+@pytest.fixture
+def make_llm(tiny_llama):
+    """``make_llm(**engine_args)``: an LLM on the tiny Llama (CPU, float32 by default)."""
+
+    def make(**kwargs):
+        kwargs.setdefault("num_kv_blocks", 256)
+        return ember.LLM(str(tiny_llama[0]), **kwargs)
+
+    return make

@@ -1,0 +1,289 @@
+"""The engine end to end on a tiny random Llama (CPU, float32): greedy tokens must not depend
+on batching, chunking, prefix caching or preemption; requests are never dropped."""
+
+import json
+
+import pytest
+import torch
+from conftest import VOCAB
+from tiny_checkpoints import hf_greedy, random_prompts
+
+import ember
+from ember import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def token_prompts(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def generated(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def record_batches(llm):
+    """Wrap the scheduler so the test sees every step's (num_decodes, num_new_tokens)."""
+    seen = []
+    schedule = llm.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        seen.append((batch.num_decodes, list(batch.num_new_tokens)))
+        return batch
+
+    llm.scheduler.schedule = spy
+    return seen
+
+
+def test_greedy_matches_transformers(make_llm, tiny_llama):
+    prompts = random_prompts(3, VOCAB, [1, 9, 33], seed=1)
+    outs = make_llm().generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+    assert generated(outs) == [hf_greedy(tiny_llama[1], p, 12) for p in prompts]
+
+
+def test_batch_invariance(make_llm):
+    """32 requests of mixed lengths together give each one's tokens when run alone."""
+    prompts = random_prompts(32, VOCAB, [1, 3, 8, 17, 30, 47, 64, 5], seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    together = generated(make_llm(max_num_seqs=32).generate(token_prompts(prompts), params,
+                                                            use_tqdm=False))
+    alone_llm = make_llm(enable_prefix_caching=False)
+    alone = [generated(alone_llm.generate(token_prompts([p]), params, use_tqdm=False))[0]
+             for p in prompts]
+    assert together == alone
+    assert all(len(t) == 10 for t in together)
+
+
+def test_chunked_prefill_on_off_identical(make_llm):
+    prompts = random_prompts(6, VOCAB, [40, 7, 25, 60, 2, 33], seed=3)
+    chunked = make_llm(max_num_batched_tokens=16, max_num_seqs=4)
+    steps = record_batches(chunked)
+    with_chunks = generated(chunked.generate(token_prompts(prompts), GREEDY, use_tqdm=False))
+    whole = make_llm(enable_chunked_prefill=False, max_num_batched_tokens=128,
+                     max_model_len=128, max_num_seqs=4)
+    assert with_chunks == generated(whole.generate(token_prompts(prompts), GREEDY,
+                                                   use_tqdm=False))
+    # Chunking really happened, mixed with decodes in the same steps.
+    assert all(sum(n) <= 16 for _, n in steps)
+    assert any(nd > 0 and len(n) > nd for nd, n in steps)
+
+
+def test_prefix_caching_on_off_identical_and_hits(make_llm):
+    shared = random_prompts(1, VOCAB, [50], seed=4)[0]
+    tails = random_prompts(5, VOCAB, [1, 4, 9, 16, 3], seed=5)
+    prompts = [shared + t for t in tails]
+    cached_llm = make_llm(enable_prefix_caching=True)
+    with_cache = cached_llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+    without = make_llm(enable_prefix_caching=False).generate(token_prompts(prompts), GREEDY,
+                                                            use_tqdm=False)
+    assert generated(with_cache) == generated(without)
+    stats = cached_llm.stats()
+    print(f"prefix cache: {stats['prefix_cache_hit_tokens']} of "
+          f"{stats['prefix_cache_query_tokens']} prompt tokens hit")
+    # Each later request reuses the 3 full blocks (48 tokens) of the shared 50-token prefix.
+    assert stats["prefix_cache_hit_tokens"] == 4 * 48
+    assert [o.num_cached_tokens for o in with_cache] == [0] + [48] * 4
+    # A second identical batch hits even more: the blocks filled by the outputs are cached too.
+    again = cached_llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+    assert generated(again) == generated(without)
+    assert all(o.num_cached_tokens >= 48 for o in again)
+
+
+def test_preemption_finishes_everything_identically(make_llm):
+    prompts = random_prompts(8, VOCAB, [20, 35, 12, 28], seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    roomy = generated(make_llm().generate(token_prompts(prompts), params, use_tqdm=False))
+    # 8 blocks of 16 = 128 tokens for 8 requests of up to 65 tokens: preemption is a must.
+    tight = make_llm(num_kv_blocks=8, max_model_len=128)
+    outs = tight.generate(token_prompts(prompts), params, use_tqdm=False)
+    assert generated(outs) == roomy
+    assert tight.stats()["num_preemptions"] > 0
+    assert tight.block_manager.num_free_blocks == 8
+
+
+def test_seeded_sampling_reproduces_across_batches_and_preemption(make_llm):
+    prompts = random_prompts(4, VOCAB, [10, 30], seed=7)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=25, seed=100 + i)
+              for i in range(4)]
+    first = generated(make_llm().generate(token_prompts(prompts), params, use_tqdm=False))
+    tight = make_llm(num_kv_blocks=5, max_model_len=80)
+    second = generated(tight.generate(token_prompts(prompts), params, use_tqdm=False))
+    assert tight.stats()["num_preemptions"] > 0
+    alone = generated(make_llm().generate(token_prompts(prompts[:1]), params[:1],
+                                          use_tqdm=False))
+    assert first == second and alone[0] == first[0]
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=25, seed=999)
+    assert generated(make_llm().generate(token_prompts(prompts[:1]), other_seed,
+                                         use_tqdm=False))[0] != first[0]
+
+
+def test_unseeded_requests_differ_but_engine_seed_reproduces(make_llm):
+    prompt = token_prompts(random_prompts(1, VOCAB, [6], seed=8)) * 2
+    params = SamplingParams(temperature=1.0, max_tokens=20)
+    a = generated(make_llm(seed=1).generate(prompt, params, use_tqdm=False))
+    b = generated(make_llm(seed=1).generate(prompt, params, use_tqdm=False))
+    assert a == b and a[0] != a[1]
+
+
+def test_add_request_step_and_abort_free_blocks(make_llm):
+    llm = make_llm(num_kv_blocks=32)
+    prompts = random_prompts(3, VOCAB, [20, 40, 5], seed=9)
+    ids = [llm.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=50))
+           for p in prompts]
+    for _ in range(3):
+        outs = llm.step()
+    assert {o.request_id for o in outs} == set(ids)
+    assert all(not o.finished and o.outputs[0].token_ids for o in outs)
+    free_before = llm.block_manager.num_free_blocks
+    llm.abort(ids[1])
+    assert llm.block_manager.num_free_blocks == free_before + 3  # ceil(43 / 16) blocks
+    for _ in range(2):
+        assert ids[1] not in {o.request_id for o in llm.step()}
+    llm.abort(ids[0])
+    llm.abort(ids[2])
+    llm.abort("no-such-request")
+    assert not llm.has_unfinished_requests() and llm.step() == []
+    assert llm.block_manager.num_free_blocks == 32
+    assert all(b.ref_count == 0 for b in llm.block_manager.blocks)
+
+
+def test_step_outputs_are_cumulative_and_finish(make_llm):
+    llm = make_llm()
+    rid = llm.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=3),
+                          request_id="mine")
+    seen = []
+    while llm.has_unfinished_requests():
+        seen += llm.step()
+    assert rid == "mine" and [len(o.outputs[0].token_ids) for o in seen] == [1, 2, 3]
+    assert [o.finished for o in seen] == [False, False, True]
+    last = seen[-1]
+    assert last.outputs[0].finish_reason == "length" and last.prompt_token_ids == [5, 6, 7]
+    assert last.metrics.time_to_first_token >= 0
+
+
+def test_generate_accepts_prompt_forms_and_keeps_order(make_llm):
+    llm = make_llm()
+    p = random_prompts(3, VOCAB, [4, 9, 2], seed=10)
+    reference = generated(llm.generate(token_prompts(p), GREEDY, use_tqdm=False))
+    assert generated(llm.generate(p, GREEDY, use_tqdm=False)) == reference
+    assert generated(llm.generate(p[0], GREEDY, use_tqdm=False)) == reference[:1]
+    per_prompt = [SamplingParams(temperature=0, max_tokens=n) for n in (1, 5, 3)]
+    outs = llm.generate(p, per_prompt, use_tqdm=False)
+    assert [len(t) for t in generated(outs)] == [1, 5, 3]
+    assert [t for t in generated(outs)] == [r[:n] for r, n in zip(reference, (1, 5, 3))]
+
+
+def test_stream_yields_the_generated_tokens(make_llm):
+    llm = make_llm()
+    prompt = random_prompts(1, VOCAB, [7], seed=11)[0]
+    want = generated(llm.generate([prompt], GREEDY, use_tqdm=False))[0]
+    deltas = list(llm.stream({"prompt_token_ids": prompt}, GREEDY))
+    assert [t for d in deltas for t in d.token_ids] == want
+    assert deltas[-1].finish_reason == "length" and deltas[0].finish_reason is None
+
+
+def test_max_model_len_ends_generation(make_llm):
+    llm = make_llm(max_model_len=20)
+    out = llm.generate([list(range(1, 15))], SamplingParams(temperature=0, max_tokens=None),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
+
+
+def test_stop_token_ids_min_tokens_and_multiple_eos(tiny_llama, tmp_path):
+    folder, hf = tiny_llama
+    prompt = random_prompts(1, VOCAB, [9], seed=12)[0]
+    free = hf_greedy(hf, prompt, 12)
+    stop_at = next(i for i in range(3, 12) if free[i] not in free[:i])
+    # Several EOS ids in generation_config.json, as instruct models ship them.
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    eos = [VOCAB - 1 if free[stop_at] != VOCAB - 1 else VOCAB - 2, free[stop_at]]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    llm = ember.LLM(str(tmp_path), num_kv_blocks=64)
+    assert llm.eos_token_ids == eos
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == free[:stop_at + 1]
+    assert out[0].outputs[0].finish_reason == "stop" and out[0].outputs[0].stop_reason is None
+    # transformers stops at the same place with the same generation config.
+    hf.generation_config.eos_token_id = eos
+    try:
+        assert hf_greedy(hf, prompt, 12) == free[:stop_at + 1]
+    finally:
+        hf.generation_config.eos_token_id = None
+    ignoring = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12,
+                                                     ignore_eos=True), use_tqdm=False)
+    assert ignoring[0].outputs[0].token_ids == free
+    # min_tokens: EOS cannot even be drawn before it.
+    late = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12,
+                                                 min_tokens=stop_at + 2), use_tqdm=False)
+    tokens = late[0].outputs[0].token_ids
+    assert len(tokens) >= stop_at + 2 and not set(tokens[:stop_at + 2]) & set(eos)
+    by_id = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                  stop_token_ids=[free[2]]), use_tqdm=False)
+    first = free.index(free[2])
+    assert by_id[0].outputs[0].token_ids == free[:first + 1]
+    assert by_id[0].outputs[0].stop_reason == free[2]
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ([], "empty"),
+    ([VOCAB], r"token ids must be in \[0, 300\)"),
+    ([-1, 3], "token ids must be in"),
+    ("text", "no tokenizer"),
+    (3.5, "a prompt must be"),
+    ({"text": "x"}, "'prompt' or 'prompt_token_ids'"),
+    (list(range(1, 65)), "max_model_len is 64"),
+])
+def test_bad_prompts_raise(make_llm, prompt, match):
+    llm = make_llm(max_model_len=64)
+    with pytest.raises(ValueError, match=match):
+        llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert not llm.has_unfinished_requests()
+
+
+def test_api_misuse_raises(make_llm):
+    llm = make_llm()
+    with pytest.raises(ValueError, match="must be a SamplingParams"):
+        llm.generate([[1, 2]], {"temperature": 0}, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
+        llm.generate([[1, 2]], [GREEDY, GREEDY], use_tqdm=False)
+    llm.add_request([1, 2], request_id="busy")
+    with pytest.raises(ValueError, match="already running"):
+        llm.add_request([1, 2], request_id="busy")
+    with pytest.raises(RuntimeError, match="idle engine"):
+        llm.generate([[1, 2]], use_tqdm=False)
+    with pytest.raises(ValueError, match="no chat template"):
+        llm.chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_num_seqs=0), "max_num_seqs must be a positive int"),
+    (dict(max_num_seqs=64, max_num_batched_tokens=32), "must be >= max_num_seqs"),
+    (dict(block_size=1.5), "block_size must be a positive int"),
+    (dict(dtype="int8"), "dtype must be"),
+    (dict(device="tpu"), "device"),
+    (dict(kernel_backend="fast"), "kernel_backend"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(load_format="pickle"), "load_format"),
+    (dict(max_model_len=4096), "exceeds the model's context length"),
+    (dict(num_kv_blocks=2, max_model_len=64), "KV cache holds 32 tokens"),
+    (dict(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128),
+     "max_num_batched_tokens"),
+])
+def test_bad_engine_config_raises(make_llm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_llm(**kwargs)
+
+
+def test_max_model_len_defaults_fit_the_cache(make_llm):
+    assert make_llm(num_kv_blocks=4).max_model_len == 64
+    no_chunks = make_llm(enable_chunked_prefill=False, max_num_batched_tokens=100, max_num_seqs=8)
+    assert no_chunks.max_model_len == 100
+
+
+def test_dummy_weights_load_random_model(make_llm):
+    llm = make_llm(load_format="dummy")
+    out = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 12
+    assert not torch.isnan(llm.model.embed_tokens.weight).any()
