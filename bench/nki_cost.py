@@ -7,7 +7,9 @@ CPU simulator (``neuron_kernels/simulator.py``), which records every instruction
 The table reports, per kernel and shape:
 
 - instructions per engine (TensorE, ScalarE, VectorE, GpSimd, DMA);
-- bytes moved by DMA between HBM and SBUF, and the mean contiguous run per DMA descriptor;
+- bytes moved by DMA between HBM and SBUF, and the mean contiguous run per DMA descriptor
+  (runs under ~512 B use the DMA engines poorly on hardware; the time model ignores that);
+- peak live SBUF per partition and PSUM banks;
 - modelled busy time per engine: TensorE ``max(N, 64)`` cycles per matmul (4x for fp32),
   Vector/Scalar/GpSimd ``max(free elements, 64)`` cycles per instruction at their clocks, DMA
   bytes at the core's share of HBM bandwidth (NKI.md sections 2.1 and 7);
@@ -109,7 +111,7 @@ def _measure(name, shape, flops, run):
         run()
     instructions = {e: 0 for e in sim.ENGINES}
     busy = {e: 0.0 for e in sim.ENGINES}
-    read = written = descriptors = 0
+    read = written = descriptors = sbuf = psum = 0
     estimate = 0.0
     for programs in launches:
         summary = sim.combine_programs(programs)
@@ -121,6 +123,8 @@ def _measure(name, shape, flops, run):
         written += summary["dma_write_bytes"]
         descriptors += summary["dma_descriptors"]
         estimate += summary["estimate_us"]
+        sbuf = max(sbuf, summary["peak_sbuf_bytes"])
+        psum = max(psum, summary["peak_psum_banks"])
     target = launches[0][0].target
     bound = max(busy, key=busy.get)
     return {
@@ -128,6 +132,7 @@ def _measure(name, shape, flops, run):
         "read_mb": read / 1e6, "write_mb": written / 1e6,
         "run_bytes": (read + written) / max(descriptors, 1), "busy": busy,
         "estimate_us": estimate, "bound": sim.ENGINE_NAMES[bound],
+        "sbuf_kib": sbuf / 1024, "psum_banks": psum,
         "pe_util": flops / (estimate * 1e-6) / (target.bf16_tflops * 1e12),
         "tflops": flops / (estimate * 1e-6) / 1e12,
     }
@@ -135,14 +140,15 @@ def _measure(name, shape, flops, run):
 
 def _table(rows) -> str:
     head = ("| kernel | shape | instructions PE/ACT/DVE/POOL/DMA | HBM read / write MB | "
-            "B per DMA run | busy us PE/ACT/DVE/POOL/DMA | estimate us | bound by | TFLOP/s | "
-            "TensorE util |")
+            "B per DMA run | peak SBUF KiB/partition, PSUM banks | busy us PE/ACT/DVE/POOL/DMA | "
+            "estimate us | bound by | TFLOP/s | TensorE util |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ins = "/".join(str(r["instructions"][e]) for e in ("pe", "act", "dve", "pool", "dma"))
         busy = "/".join(f"{r['busy'][e]:.1f}" for e in ("pe", "act", "dve", "pool", "dma"))
         lines.append(f"| {r['kernel']} | {r['shape']} | {ins} | {r['read_mb']:.2f} / "
-                     f"{r['write_mb']:.2f} | {r['run_bytes']:.0f} | {busy} | "
+                     f"{r['write_mb']:.2f} | {r['run_bytes']:.0f} | {r['sbuf_kib']:.1f}, "
+                     f"{r['psum_banks']} | {busy} | "
                      f"{r['estimate_us']:.1f} | {r['bound']} | {r['tflops']:.1f} | "
                      f"{100 * r['pe_util']:.0f}% |")
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 documented semantics (NKI 0.3+: destination first, nothing returned) and their checks.
 
 Engines (for the cost model): TensorE ``nc_matmul``/``nc_transpose``; ScalarE ``activation``;
-VectorE ``tensor_*`` and ``reciprocal``; GpSimd ``iota``/``affine_select`` (and all-int32
-``tensor_tensor``); DMA ``dma_copy``. ``tensor_copy`` and ``memset`` go to the least busy engine
+VectorE ``tensor_*`` and ``reciprocal``; GpSimd ``iota``/``affine_select``; DMA
+``dma_copy``. ``tensor_copy`` and ``memset`` go to the least busy engine
 that can run them, as the compiler's choice for ``engine=unknown``.
 """
 
@@ -26,13 +26,6 @@ class oob_mode(enum.Enum):  # noqa: N801
     skip = "skip"
 
 
-class dge_mode(enum.Enum):  # noqa: N801
-    unknown = "unknown"
-    swdge = "swdge"
-    hwdge = "hwdge"
-    none = "none"
-
-
 class reduce_cmd(enum.Enum):  # noqa: N801
     idle = "idle"
     reset = "reset"
@@ -41,7 +34,7 @@ class reduce_cmd(enum.Enum):  # noqa: N801
 
 
 # The instructions' keyword arguments share these names; the bodies use the aliases.
-_OOB, _DGE, _RC = oob_mode, dge_mode, reduce_cmd
+_OOB, _RC = oob_mode, reduce_cmd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +109,7 @@ def _operand(op, name, value, partitions, *, need_fp32=True):
     return value
 
 
-def _alu(op, name, operator, kinds=("arith", "cmp", "bitvec")) -> nl.Operator:
+def _alu(op, name, operator, kinds=("arith", "cmp")) -> nl.Operator:
     if not isinstance(operator, nl.Operator) or operator.kind not in kinds:
         fail("operand-kind", f"{op}: {name} must be an nl operator of kind {kinds}, got "
                              f"{operator!r}")
@@ -126,17 +119,9 @@ def _alu(op, name, operator, kinds=("arith", "cmp", "bitvec")) -> nl.Operator:
 def _apply(operator, a, b):
     if operator.kind == "cmp":
         return operator.fn(a, b).astype(np.float32)
-    if operator.kind == "bitvec":
-        return operator.fn(a, b)
     with np.errstate(over="ignore", invalid="ignore"):
         return operator.fn(np.float32(a) if np.isscalar(a) else a,
                            np.float32(b) if np.isscalar(b) else b).astype(np.float32)
-
-
-def _bitvec_dtypes(op, *tiles):
-    for t in tiles:
-        if not sim.is_int(t.dtype):
-            fail("dtype", f"{op}: bit operators need integer tensors, got {t.describe()}")
 
 
 def _elementwise_cycles(*tiles) -> int:
@@ -161,7 +146,7 @@ def _descriptors(idx: np.ndarray) -> int:
     return int(np.count_nonzero(np.diff(flat) != 1)) + 1
 
 
-def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown):
+def dma_copy(dst, src, oob_mode=oob_mode.error):
     """Copy ``src`` to ``dst`` (HBM <-> SBUF) on the DMA engines; casts via float32."""
     op = "dma_copy"
     dst, src = _dma_side(op, "dst", dst), _dma_side(op, "src", src)
@@ -172,8 +157,6 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown):
     indirect = [v for v in (src, dst) if isinstance(v, IndirectView)]
     if len(indirect) == 2:
         fail("indirect-access", f"{op}: only one side may use runtime offsets")
-    if indirect and indirect[0].per_row and dge_mode not in (_DGE.unknown, _DGE.swdge):
-        fail("indirect-access", f"{op}: vector_offset gathers need dge_mode swdge or unknown")
     # Flat storage indices of both sides, element i of src going to element i of dst.
     ok = np.ones(n_src, dtype=bool)
     sides = {}
@@ -197,7 +180,7 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown):
     sim.write_values(NkiTensor(dst_alloc, dst_idx, root=False), values)
 
     prog = sim.program()
-    prog.count("dma", op)
+    prog.count("dma")
     src_hbm, dst_hbm = src_alloc.buffer.kind == "hbm", dst_alloc.buffer.kind == "hbm"
     if src_hbm and not dst_hbm:
         prog.stats.dma_read_bytes += src_idx.size * src_alloc.dtype.itemsize
@@ -272,7 +255,7 @@ def nc_matmul(dst, stationary, moving, accumulate=None):
     sim.write_values(dst, product.astype(np.float32), from_matmul=True)
 
     scale = 4 if fp32_in[0] else 1
-    prog.count("pe", op, max(n, sim.MIN_INSTR_CYCLES) * scale)
+    prog.count("pe", max(n, sim.MIN_INSTR_CYCLES) * scale)
     prog.stats.matmul_flops += 2 * k * m * n
 
 
@@ -293,8 +276,7 @@ def nc_transpose(dst, data):
     values = sim.read_values(data).reshape(p, f).T.copy()
     sim.write_values(dst, values)
     scale = 4 if data.dtype == sim.float32 else 1
-    prog.count("pe", op, max(p, sim.MIN_INSTR_CYCLES) * scale)
-    prog.stats.transposes += 1
+    prog.count("pe", max(p, sim.MIN_INSTR_CYCLES) * scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +338,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
                 fail("operand-kind", f"{name}: reduce_res must be [{p}, 1], got "
                                      f"{reduce_res.describe()}")
             _store(reduce_res, regs[:p].reshape(p, 1))
-    prog.count("act", name, _elementwise_cycles(data))
+    prog.count("act", _elementwise_cycles(data))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +361,7 @@ def tensor_copy(dst, src):
         _store(dst, values.astype(np.float32))
     prog = sim.program()
     engines = ["dve", "act"] + ([] if "psum" in (src.buffer.kind, dst.buffer.kind) else ["pool"])
-    prog.count(prog.least_busy(engines), op, _elementwise_cycles(src))
+    prog.count(prog.least_busy(engines), _elementwise_cycles(src))
 
 
 def memset(dst, value):
@@ -394,12 +376,13 @@ def memset(dst, value):
                         else np.int64))
     prog = sim.program()
     engines = ["dve"] + ([] if dst.buffer.kind == "psum" else ["pool"])
-    prog.count(prog.least_busy(engines), op, _elementwise_cycles(dst))
+    prog.count(prog.least_busy(engines), _elementwise_cycles(dst))
 
 
 def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=None,
                   reverse1=False):
-    """``dst = (data op0 operand0) op1 operand1`` with scalar / [P, 1] operands."""
+    """``dst = (data op0 operand0) op1 operand1`` in float32, with float32 scalar / [P, 1]
+    operands (``reverse*`` swaps an operator's inputs)."""
     op = "tensor_scalar"
     _tile(op, "data", data)
     _tile(op, "dst", dst)
@@ -410,54 +393,29 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
         ops.append((_alu(op, "op1", op1), operand1, reverse1))
     elif operand1 is not None:
         fail("operand-kind", f"{op}: operand1 given without op1")
-    bitvec = ops[0][0].kind == "bitvec"
-    if any((o.kind == "bitvec") != bitvec for o, _, _ in ops):
-        fail("operand-kind", f"{op}: op0 and op1 must both be bit operators or both arithmetic")
-    if bitvec:
-        _bitvec_dtypes(op, data, dst)
-        x = _ints(data).astype(np.int64)
-    else:
-        x = _f32(data)
+    x = _f32(data)
     for operator, operand, reverse in ops:
-        value = _operand(op, "operand", operand, p, need_fp32=not bitvec)
-        if bitvec:
-            if isinstance(value, np.ndarray):
-                value = value.astype(np.int64)
-            elif not isinstance(value, (int, np.integer)):
-                fail("dtype", f"{op}: bit operators take integer operands, got {value!r}")
+        value = _operand(op, "operand", operand, p)
         x = _apply(operator, value, x) if reverse else _apply(operator, x, value)
-    if bitvec:
-        x = x & 0xFFFFFFFF  # 32-bit bit patterns, reinterpreted in dst's type
-        x = x.astype(np.uint32).view(np.int32) if dst.dtype == sim.int32 else x
-        sim.write_values(dst, x.astype(dst.dtype).reshape(dst.shape))
-    else:
-        _store(dst, x)
-    sim.program().count("dve", op, _elementwise_cycles(data))
+    _store(dst, x)
+    sim.program().count("dve", _elementwise_cycles(data))
 
 
 def tensor_tensor(dst, data1, data2, op):
-    """``dst = data1 op data2`` element-wise (same partitions and elements per partition).
-
-    Arithmetic runs in float32, except that all-int32 operands run on GpSimd with exact
-    integer math (as the hardware dispatch does); bit operators treat ints as bit patterns.
-    """
+    """``dst = data1 op data2`` element-wise in float32 (same partitions and elements per
+    partition; at most one input in PSUM)."""
     name = "tensor_tensor"
     for n, t in (("data1", data1), ("data2", data2), ("dst", dst)):
         _tile(name, n, t)
     _same_layout(name, dst=dst, data1=data1, data2=data2)
     _not_both_psum(name, data1, data2)
     operator = _alu(name, "op", op)
-    ints = all(t.dtype in (sim.int32, sim.uint32) for t in (data1, data2, dst))
-    on_pool = ints and not any(t.buffer.kind == "psum" for t in (data1, data2, dst))
-    if operator.kind == "bitvec" or on_pool:
-        if operator.kind == "bitvec":
-            _bitvec_dtypes(name, data1, data2, dst)
-        values = operator.fn(_ints(data1).astype(np.int64), _ints(data2).astype(np.int64))
-        sim.write_values(dst, sim.cast(values, dst.dtype).reshape(dst.shape))
-    else:
-        _store(dst, _apply(operator, _f32(data1), _f32(data2)))
-    engine = "pool" if on_pool else "dve"
-    sim.program().count(engine, name, _elementwise_cycles(data1))
+    if all(t.dtype == sim.int32 for t in (data1, data2, dst)):
+        # The hardware runs this on GpSimd with exact 32-bit integer math.
+        raise NotImplementedError("all-int32 tensor_tensor (GpSimd integer math) is outside "
+                                  "the simulated subset")
+    _store(dst, _apply(operator, _f32(data1), _f32(data2)))
+    sim.program().count("dve", _elementwise_cycles(data1))
 
 
 def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1):
@@ -470,7 +428,7 @@ def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1):
     first, second = _alu(name, "op0", op0, ("arith",)), _alu(name, "op1", op1, ("arith",))
     value = _operand(name, "operand0", operand0, data.shape[0])
     _store(dst, _apply(second, _apply(first, _f32(data), value), _f32(operand1)))
-    sim.program().count("dve", name, _elementwise_cycles(data))
+    sim.program().count("dve", _elementwise_cycles(data))
 
 
 def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False):
@@ -497,7 +455,7 @@ def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False):
     if negate:
         result = -result
     _store(dst, result)
-    sim.program().count("dve", name, _elementwise_cycles(data))
+    sim.program().count("dve", _elementwise_cycles(data))
 
 
 def reciprocal(dst, data):
@@ -508,10 +466,10 @@ def reciprocal(dst, data):
     _same_layout(name, dst=dst, data=data)
     with np.errstate(divide="ignore"):
         _store(dst, np.float32(1.0) / _f32(data))
-    sim.program().count("dve", name, _elementwise_cycles(data))
+    sim.program().count("dve", _elementwise_cycles(data))
 
 
-def tensor_copy_predicated(dst, src, predicate, reverse_pred=False):
+def tensor_copy_predicated(dst, src, predicate):
     """Copy ``src`` (a tile or a number) into ``dst`` where ``predicate`` is nonzero."""
     name = "tensor_copy_predicated"
     _tile(name, "dst", dst)
@@ -531,10 +489,8 @@ def tensor_copy_predicated(dst, src, predicate, reverse_pred=False):
         value = _operand(name, "src", src, dst.shape[0])
         values = sim.cast(np.full(dst.shape, value, dtype=np.float64), dst.dtype)
     keep = _ints(predicate).reshape(dst.shape) != 0
-    if reverse_pred:
-        keep = ~keep
     sim.write_values(dst, values, mask=keep)
-    sim.program().count("dve", name, _elementwise_cycles(dst))
+    sim.program().count("dve", _elementwise_cycles(dst))
 
 
 def _affine(op, dst, pattern, offset, channel_multiplier) -> np.ndarray:
@@ -558,7 +514,7 @@ def iota(dst, pattern, offset=0, channel_multiplier=0):
     _tile(op, "dst", dst, ("sbuf",))
     values = _affine(op, dst, pattern, offset, channel_multiplier)
     sim.write_values(dst, sim.cast(values, dst.dtype).reshape(dst.shape))
-    sim.program().count("pool", op, _elementwise_cycles(dst))
+    sim.program().count("pool", _elementwise_cycles(dst))
 
 
 def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value,
@@ -574,4 +530,4 @@ def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value
     keep = compare.fn(_affine(op, dst, pattern, offset, channel_multiplier), 0)
     chosen = np.where(keep, _f32(on_true_tile), np.float32(on_false_value))
     _store(dst, chosen)
-    sim.program().count("pool", op, _elementwise_cycles(dst))
+    sim.program().count("pool", _elementwise_cycles(dst))

@@ -64,8 +64,8 @@ def num_programs(axes=0):
 class Operator:
     """An NKI operator identifier passed to ``nki.isa`` instructions.
 
-    kind: "arith" (float32 math), "cmp" (arithmetic comparison giving 1.0/0.0), "bitvec"
-    (integer bit patterns) or "act" (a ScalarE activation function). ``fn`` is its NumPy
+    kind: "arith" (float32 math), "cmp" (arithmetic comparison giving 1.0/0.0) or "act" (a
+    ScalarE activation function). ``fn`` is its NumPy
     implementation; ``identity`` its reduction identity where it can reduce.
     """
 
@@ -98,11 +98,7 @@ minimum = Operator("minimum", "arith", np.minimum, np.inf)
 equal = Operator("equal", "cmp", np.equal)
 less = Operator("less", "cmp", np.less)
 greater_equal = Operator("greater_equal", "cmp", np.greater_equal)
-bitwise_and = Operator("bitwise_and", "bitvec", np.bitwise_and)
-bitwise_or = Operator("bitwise_or", "bitvec", np.bitwise_or)
-left_shift = Operator("left_shift", "bitvec", np.left_shift)
 
-# Activation functions (ScalarE); ``copy`` is the identity.
-copy = Operator("copy", "act", lambda x: x)
+# Activation functions (ScalarE)
 exp = Operator("exp", "act", _exp)
 log = Operator("log", "act", np.log, valid=(2.0 ** -64, 2.0 ** 64))

@@ -115,7 +115,6 @@ class Target:
     scalar_ghz: float
     gpsimd_ghz: float
     bf16_tflops: float
-    fp32_tflops: float
     hbm_gbps: float          # device HBM bandwidth divided by its NeuronCores
     moving_fmax: int         # nc_matmul moving free size limit (fp32 PSUM)
     psum_tile_bytes: int     # largest PSUM tile per partition (v4 matmuls span banks)
@@ -124,11 +123,11 @@ class Target:
 
 
 TARGETS = {
-    "trn1": Target("trn1", "NeuronCore-v2", 192 * 1024, 2.8, 1.12, 1.4, 1.4, 92.0, 23.0,
+    "trn1": Target("trn1", "NeuronCore-v2", 192 * 1024, 2.8, 1.12, 1.4, 1.4, 92.0,
                    820.0 / 2, 512, 2048, False, False),
-    "trn2": Target("trn2", "NeuronCore-v3", 224 * 1024, 2.4, 0.96, 1.2, 1.2, 79.0, 20.0,
+    "trn2": Target("trn2", "NeuronCore-v3", 224 * 1024, 2.4, 0.96, 1.2, 1.2, 79.0,
                    2900.0 / 8, 512, 2048, False, True),
-    "trn3": Target("trn3", "NeuronCore-v4", 256 * 1024, 2.4, 1.2, 1.2, 1.2, 79.0, 20.0,
+    "trn3": Target("trn3", "NeuronCore-v4", 256 * 1024, 2.4, 1.2, 1.2, 1.2, 79.0,
                    4700.0 / 8, 4096, 16384, True, True),
 }
 _TARGET_ALIASES = {"trn1": "trn1", "gen2": "trn1", "inf2": "trn1", "trn2": "trn2",
@@ -165,7 +164,6 @@ uint32 = np.dtype(np.uint32)
 
 FLOAT_DTYPES = (float32, float16, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2)
 INT_DTYPES = (int8, int32, uint8, uint32)
-FP8_DTYPES = (float8_e4m3, float8_e4m3fn, float8_e5m2)
 UNINIT_INT = 4  # nki.simulate's sentinel for integer memory nobody wrote
 
 
@@ -234,13 +232,11 @@ class KernelStats:
     program_id: int = 0
     instructions: Counter = field(default_factory=Counter)   # per engine
     cycles: Counter = field(default_factory=Counter)         # per engine (not DMA)
-    ops: Counter = field(default_factory=Counter)            # per nisa function
     dma_read_bytes: int = 0     # HBM -> on-chip
     dma_write_bytes: int = 0    # on-chip -> HBM
     dma_other_bytes: int = 0    # on-chip -> on-chip and HBM -> HBM
     dma_descriptors: int = 0    # contiguous HBM runs moved
     matmul_flops: int = 0       # 2*K*M*N of nc_matmul (transposes excluded)
-    transposes: int = 0
     peak_sbuf_bytes: int = 0    # per partition
     peak_psum_banks: int = 0
 
@@ -322,10 +318,9 @@ class _Program:
         self.act_regs = np.full(PARTITIONS, np.nan, dtype=np.float32)
         self.closed = False
 
-    def count(self, engine: str, op: str, cycles: float = 0.0):
+    def count(self, engine: str, cycles: float = 0.0):
         self.stats.instructions[engine] += 1
         self.stats.cycles[engine] += cycles
-        self.stats.ops[op] += 1
 
     def least_busy(self, engines) -> str:
         """Where the compiler puts an ``engine=unknown`` instruction that several engines can
@@ -481,20 +476,6 @@ class NkiTensor:
             fail("index-bounds", f"pattern {pattern!r} offset {offset} leaves "
                                  f"{self.describe()}")
         return NkiTensor(self._alloc, idx, root=False)
-
-    def reshape(self, shape):
-        """Same elements, new shape (an allocated tensor only; on-chip keeps the partitions)."""
-        program()
-        shape = tuple(int(s) for s in shape)
-        if not self._root:
-            fail("access-pattern", f"reshape needs an allocated tensor, not a view of "
-                                   f"{self.describe()}")
-        if math.prod(shape) != self._idx.size:
-            fail("shape-mismatch", f"cannot reshape {self.describe()} to {list(shape)}")
-        if self.on_chip and shape[0] != self.shape[0]:
-            fail("partition-dim", f"reshape of {self.describe()} must keep {self.shape[0]} "
-                                  f"partitions")
-        return NkiTensor(self._alloc, self._idx.reshape(shape), root=True)
 
     # Kernel code describes work for the engines; it never sees values on the host.
     def _no_host(self, *args, **kwargs):

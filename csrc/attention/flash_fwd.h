@@ -35,8 +35,9 @@ struct FlashFwdParams {
   int64_t lse_batch_stride, lse_head_stride;
   float softmax_scale;  // multiplies q.k before the softmax
   float scale_log2;     // softmax_scale * log2(e): the kernel works in base 2
-  // Key j is visible to query i iff i + (sk - sq) - window_left <= j <= i + (sk - sq) + window_right,
-  // a bound of -1 being absent. Causal attention arrives as window_right = 0.
+  // Key j is visible to query i of a sequence with lengths (sq, sk) iff
+  // i + (sk - sq) - window_left <= j <= i + (sk - sq) + window_right, a bound of -1 being
+  // absent. Causal attention arrives as window_right = 0.
   int window_left, window_right;
 };
 

@@ -272,13 +272,20 @@ struct MaskBounds {
 // One K/V tile: S = Q K^T, mask, online softmax, O += P V
 // ------------------------------------------------------------------------------------------
 
+// Q fragments held in registers (kQInRegs), or a 1-element placeholder when Q is read from
+// shared memory per tile.
+template <class Cfg>
+using QFrag = uint32_t[Cfg::kQInRegs ? Cfg::kMTiles : 1][Cfg::kQInRegs ? Cfg::kHeadDim / 16 : 1][4];
+
+// row0: the lane's first query row (of m-tile 0); col0: its first key column in this tile.
 template <class Cfg, bool kMask>
-__device__ __forceinline__ void attend_tile(
-    float (&acc_o)[Cfg::kMTiles][Cfg::kDTiles][4], float (&row_max)[Cfg::kMTiles][2],
-    float (&row_sum)[Cfg::kMTiles][2],
-    const uint32_t (&q_frag)[Cfg::kQInRegs ? Cfg::kMTiles : 1][Cfg::kQInRegs ? Cfg::kHeadDim / 16 : 1][4],
-    uint32_t s_q_warp, uint32_t s_k, uint32_t s_v, const LaneOffsets<Cfg>& lo, const MaskBounds& mb,
-    int row0, int col0, float scale_log2) {
+__device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kMTiles][Cfg::kDTiles][4],
+                                            float (&row_max)[Cfg::kMTiles][2],
+                                            float (&row_sum)[Cfg::kMTiles][2],
+                                            const QFrag<Cfg>& q_frag, uint32_t s_q_warp,
+                                            uint32_t s_k, uint32_t s_v, const LaneOffsets<Cfg>& lo,
+                                            const MaskBounds& mb, int row0, int col0,
+                                            float scale_log2) {
   using T = typename Cfg::T;
   constexpr int kMT = Cfg::kMTiles, kNT = Cfg::kNTiles;
 
@@ -346,7 +353,9 @@ __device__ __forceinline__ void attend_tile(
     for (int r = 0; r < 2; ++r) {
       float m = row_max[mi][r];
 #pragma unroll
-      for (int nj = 0; nj < kNT; ++nj) m = fmaxf(m, fmaxf(s[mi][nj][2 * r], s[mi][nj][2 * r + 1]));
+      for (int nj = 0; nj < kNT; ++nj) {
+        m = fmaxf(m, fmaxf(s[mi][nj][2 * r], s[mi][nj][2 * r + 1]));
+      }
       // The 4 lanes of a quad hold the same row.
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
@@ -475,19 +484,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   // A tile with no visible key skips straight to the epilogue: zeros and lse = -inf.
   if (n_block_min < n_block_max) {
     const LaneOffsets<Cfg> lo = lane_offsets<Cfg>(lane);
-    const uint32_t s_q_warp = s_q + warp * Cfg::kWarpRows * Cfg::kRowBytes;  // this warp's Q rows
+    const uint32_t s_q_warp = s_q + warp * Cfg::kWarpRows * Cfg::kRowBytes;  // the warp's Q rows
     const int row0 = m0 + warp * Cfg::kWarpRows + (lane >> 2);  // this lane's first query row
     const int lane_col = 2 * (lane & 3);
 
     load_tile<Cfg, kBM>(s_q, q, p.q_row_stride, rows_q);
     cp_async_commit();
     int n = n_block_max - 1;
-    load_tile<Cfg, kBN>(s_kv, k + n * kBN * p.k_row_stride, p.k_row_stride, seqlen_k - n * kBN);
-    load_tile<Cfg, kBN>(s_kv + Cfg::kKVBytes, v + n * kBN * p.v_row_stride, p.v_row_stride,
-                        seqlen_k - n * kBN);
+    const int rows_k = seqlen_k - n * kBN;
+    load_tile<Cfg, kBN>(s_kv, k + n * kBN * p.k_row_stride, p.k_row_stride, rows_k);
+    load_tile<Cfg, kBN>(s_kv + Cfg::kKVBytes, v + n * kBN * p.v_row_stride, p.v_row_stride, rows_k);
     cp_async_commit();
 
-    uint32_t q_frag[Cfg::kQInRegs ? kMT : 1][Cfg::kQInRegs ? Cfg::kHeadDim / 16 : 1][4];
+    QFrag<Cfg> q_frag;
     if constexpr (Cfg::kQInRegs) {
       cp_async_wait<1>();  // the Q group; the first K/V tile may still be in flight
       __syncthreads();
@@ -522,8 +531,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           (mb.window_right >= 0 && (n + 1) * kBN - 1 > m0 + mb.diag + mb.window_right) ||
           (mb.window_left >= 0 && n * kBN < m_last + mb.diag - mb.window_left);
       if (need_mask) {
-        attend_tile<Cfg, true>(acc_o, row_max, row_sum, q_frag, s_q_warp, s_k, s_v, lo, mb, row0, col0,
-                               p.scale_log2);
+        attend_tile<Cfg, true>(acc_o, row_max, row_sum, q_frag, s_q_warp, s_k, s_v, lo, mb, row0,
+                               col0, p.scale_log2);
       } else {
         attend_tile<Cfg, false>(acc_o, row_max, row_sum, q_frag, s_q_warp, s_k, s_v, lo, mb, row0,
                                 col0, p.scale_log2);
@@ -554,7 +563,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       for (int dn = 0; dn < Cfg::kDTiles; ++dn) {
         const uint32_t packed =
             pack2<T>(acc_o[mi][dn][2 * r] * inv, acc_o[mi][dn][2 * r + 1] * inv);
-        *reinterpret_cast<uint32_t*>(s_o + tile_offset<Cfg, kBM>(row, dn) + 4 * quad_col) = packed;
+        const uint32_t offset = tile_offset<Cfg, kBM>(row, dn) + 4 * quad_col;
+        *reinterpret_cast<uint32_t*>(s_o + offset) = packed;
       }
     }
   }
@@ -594,8 +604,8 @@ void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
       if (Cfg::kSmemBytes > optin) {
         throw std::invalid_argument(
             "ember: flash_attn: head_dim " + std::to_string(Cfg::kHeadDim) + " needs " +
-            std::to_string(Cfg::kSmemBytes) + " bytes of shared memory per block; this GPU allows " +
-            std::to_string(optin));
+            std::to_string(Cfg::kSmemBytes) +
+            " bytes of shared memory per block; this GPU allows " + std::to_string(optin));
       }
       check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Cfg::kSmemBytes),

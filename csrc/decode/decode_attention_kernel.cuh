@@ -229,10 +229,14 @@ __device__ __forceinline__ void load_q_tile(uint32_t s_q, const DecodeParams& p,
 // so their block_table entries are never looked up either.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
-                                             int b, int kv_head, int tile, int seqlen_k,
-                                             int tid) {
+                                             int b, int kv_head, int tile, int seqlen_k) {
   using E = std::conditional_t<Cfg::kFp8, uint8_t, typename Cfg::T>;
   constexpr int kItems = Cfg::kBlockN * Cfg::kCopyChunks;
+  // Re-read the thread index (volatile: ptxas cannot hoist it) so that the per-item offsets are
+  // recomputed per tile instead of being kept live across the whole K/V loop, where they would
+  // crowd out the O accumulators (as in the prefill kernel's load_tile).
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
   const E* k = static_cast<const E*>(p.k_cache) + kv_head * p.k_head_stride;
   const E* v = static_cast<const E*>(p.v_cache) + kv_head * p.v_head_stride;
 #pragma unroll
@@ -495,8 +499,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     for (int s = 0; s < kStages - 1; ++s) {
       if (t_begin + s < t_end) {
         const uint32_t st = s_stages + s * Cfg::kStageBytes;
-        load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, t_begin + s, seqlen_k,
-                          tid);
+        load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, t_begin + s, seqlen_k);
       }
       cp_async_commit();
     }
@@ -521,7 +524,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         const int ahead_stage = stage == 0 ? kStages - 1 : stage - 1;
         if (ahead < t_end) {
           const uint32_t st = s_stages + ahead_stage * Cfg::kStageBytes;
-          load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, ahead, seqlen_k, tid);
+          load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, ahead, seqlen_k);
         }
         cp_async_commit();
       }

@@ -11,8 +11,6 @@ from tiny_checkpoints import save_tiny_checkpoint  # noqa: E402
 
 import ember  # noqa: E402
 
-VOCAB = 300
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -27,7 +25,7 @@ def _one_thread():
 def tiny_llama(tmp_path_factory):
     """``(folder, transformers model)`` of a tiny random Llama without EOS ids."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    model = save_tiny_checkpoint(folder, "llama", vocab_size=VOCAB)
+    model = save_tiny_checkpoint(folder, "llama")
     return folder, model
 
 

@@ -13,6 +13,15 @@ def make_seq(tokens, request_id="r"):
     return Sequence(request_id, tokens, SamplingParams(), max_model_len=10_000)
 
 
+def compute(bm: BlockManager, seq: Sequence, num_new: int, cached=()) -> bool:
+    """Allocate, then pretend the step ran: the tokens are computed and full blocks cached."""
+    if not bm.allocate(seq, num_new, cached):
+        return False
+    seq.num_computed_tokens += num_new
+    bm.cache_full_blocks(seq)
+    return True
+
+
 def check_invariants(bm: BlockManager, live_seqs):
     """Reference counts match the block tables; free = blocks with count 0; cached blocks hold
     the tokens their hash names."""
@@ -41,12 +50,11 @@ def check_invariants(bm: BlockManager, live_seqs):
 def test_allocate_and_free_counts():
     bm = BlockManager(num_blocks=8, block_size=4)
     seq = make_seq(list(range(10)))
-    assert bm.allocate(seq, 10)
+    assert compute(bm, seq, 10)
     assert len(seq.block_table) == 3 and bm.num_free_blocks == 5
     check_invariants(bm, [seq])
-    seq.num_computed_tokens = 10
     seq.token_ids.append(99)
-    assert bm.allocate(seq, 1)  # 11 tokens still fit in 3 blocks
+    assert compute(bm, seq, 1)  # 11 tokens still fit in 3 blocks
     assert len(seq.block_table) == 3
     bm.free_sequence(seq)
     assert bm.num_free_blocks == 8 and seq.block_table == []
@@ -63,7 +71,8 @@ def test_allocate_fails_without_side_effects():
 def test_prefix_hit_shares_blocks_and_counts_hits():
     bm = BlockManager(num_blocks=16, block_size=4)
     a = make_seq(list(range(12)) + [50], "a")
-    assert bm.allocate(a, len(a))
+    assert bm.find_cached_prefix(a) == []
+    assert compute(bm, a, len(a))
     b = make_seq(list(range(12)) + [60, 61], "b")
     cached = bm.find_cached_prefix(b)
     assert cached == a.block_table[:3]
@@ -78,7 +87,7 @@ def test_prefix_hit_shares_blocks_and_counts_hits():
 def test_prefix_lookup_never_covers_the_last_token():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = make_seq(list(range(8)), "a")
-    assert bm.allocate(a, 8)
+    assert compute(bm, a, 8)
     # Same 8 tokens: only the first block may be reused, the last token must be computed.
     assert bm.find_cached_prefix(make_seq(list(range(8)), "b")) == a.block_table[:1]
 
@@ -86,7 +95,7 @@ def test_prefix_lookup_never_covers_the_last_token():
 def test_prefix_lookup_checks_tokens_not_only_hashes():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = make_seq(list(range(9)), "a")
-    assert bm.allocate(a, 9)
+    assert compute(bm, a, 9)
     # Forge a collision: block 0's hash entry now claims different tokens.
     bm.blocks[a.block_table[0]].token_ids = (9, 9, 9, 9)
     assert bm.find_cached_prefix(make_seq(list(range(9)), "b")) == []
@@ -95,7 +104,7 @@ def test_prefix_lookup_checks_tokens_not_only_hashes():
 def test_freed_cached_blocks_are_reused_until_evicted_lru():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = make_seq([1, 2, 3, 4, 5], "a")
-    assert bm.allocate(a, 5)  # 3 blocks, the first two full and cached
+    assert compute(bm, a, 5)  # 3 blocks, the first two full and cached
     full = a.block_table[:2]
     partial = a.block_table[2]
     bm.free_sequence(a)
@@ -109,7 +118,7 @@ def test_freed_cached_blocks_are_reused_until_evicted_lru():
     assert bm.find_cached_prefix(again) == full
     # Take every free block: the cached ones get evicted and the hash map forgets them.
     hog = make_seq(list(range(100, 108)), "hog")
-    assert bm.allocate(hog, 8)
+    assert compute(bm, hog, 8)
     assert bm.cached == {} or all(bm.blocks[b].ref_count for b in bm.cached.values())
     assert bm.find_cached_prefix(again) == []
     check_invariants(bm, [hog])
@@ -118,7 +127,7 @@ def test_freed_cached_blocks_are_reused_until_evicted_lru():
 def test_prefix_caching_disabled_never_shares():
     bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
     a = make_seq([1, 2, 3, 4, 5], "a")
-    assert bm.allocate(a, 5)
+    assert compute(bm, a, 5)
     assert bm.find_cached_prefix(make_seq([1, 2, 3, 4, 5], "b")) == []
     assert bm.cached == {}
 
@@ -147,17 +156,14 @@ def test_random_operations_keep_invariants(data):
             cached = bm.find_cached_prefix(seq)
             num_new = len(seq) - len(cached) * block_size
             free_before = bm.num_free_blocks
-            if bm.allocate(seq, num_new, cached):
-                seq.num_computed_tokens = len(seq)
+            if compute(bm, seq, num_new, cached):
                 live.append(seq)
             else:
                 assert bm.num_free_blocks == free_before and seq.block_table == []
         elif op == "grow" and live:
             seq = data.draw(st.sampled_from(live))
             seq.token_ids.append(data.draw(st.integers(0, 2)))
-            if bm.allocate(seq, 1):
-                seq.num_computed_tokens += 1
-            else:
+            if not compute(bm, seq, 1):
                 seq.token_ids.pop()
         elif op == "free" and live:
             seq = data.draw(st.sampled_from(live))

@@ -59,8 +59,8 @@ class Simulation:
             for p in range(start + n):
                 assert self.kv.get(self.bm.slot(seq, p)) == tuple(seq.token_ids[:p + 1]), \
                     f"{seq} reads a K/V slot of another prefix at position {p}"
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+        self.sched.complete(batch)
+        for seq in batch.seqs:
             if seq.num_computed_tokens == len(seq):
                 seq.token_ids.append(self.rng.randrange(3))
                 if seq.num_output_tokens >= seq.max_tokens:

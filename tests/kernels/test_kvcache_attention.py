@@ -177,6 +177,12 @@ CPU_CASES = {
     "decode-mha-d128": Case(heads=(2, 2), head_dim=128, cache_lens=(70, 9)),
     "decode-d96": Case(heads=(3, 1), head_dim=96, block_size=16),
     "splits-1": Case(cache_lens=(255, 100), num_splits=1),
+    # One program walks many tiles, each spanning several 16-key pages (and page prefetch).
+    "paged16-one-split-many-tiles": Case(cache_lens=(300, 77), heads=(4, 1), block_size=16,
+                                         num_splits=1),
+    # Pages larger than a tile: several tiles per page, then a page boundary.
+    "paged256-d128-one-split": Case(cache_lens=(300, 20), heads=(2, 1), head_dim=128,
+                                    block_size=256, num_splits=1),
     "splits-3-paged": Case(cache_lens=(255, 100), block_size=16, num_splits=3),
     "splits-more-than-tiles": Case(cache_lens=(70, 3), num_splits=9),
     "append-causal": Case(seqlen_q=4, cache_lens=(30, 0), heads=(6, 2), causal=True,

@@ -107,6 +107,22 @@ def test_custom_op_registration(op):
                           test_utils=checks)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["sample", "speculative_accept", "moe_align", "rotary_embedding",
+                                "rms_norm", "fused_add_rms_norm", "silu_and_mul"])
+def test_no_host_sync_on_gpu(op):
+    """These ops run inside CUDA graphs and the decode loop: not one device->host sync."""
+    public, _, args = make_cases()[op]
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    public(*args, backend="torch")  # first call: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        public(*args, backend="torch")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_outputs_never_alias_inputs():
     x, residual = torch.randn(4, 16), torch.randn(4, 16)
     weight = torch.randn(16)

@@ -13,6 +13,8 @@ from transformers import (
     Qwen3Config,
 )
 
+TINY_VOCAB = 300
+
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
               # Larger than the default 0.02 so greedy choices are not near-ties.
@@ -31,7 +33,7 @@ ARCHITECTURES = {
 }
 
 
-def save_tiny_checkpoint(folder, arch: str, vocab_size: int = 300, seed: int = 0,
+def save_tiny_checkpoint(folder, arch: str, vocab_size: int = TINY_VOCAB, seed: int = 0,
                          **overrides):
     """Save a random ``arch`` model to ``folder``; returns the transformers model (float32)."""
     config_cls, extra = ARCHITECTURES[arch]
@@ -50,9 +52,11 @@ def save_tiny_checkpoint(folder, arch: str, vocab_size: int = 300, seed: int = 0
 
 def hf_greedy(model, prompt_ids: list, max_new_tokens: int) -> list:
     """transformers' greedy continuation of one prompt (stops early only at its EOS ids)."""
+    ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0)
+        # An explicit mask: otherwise transformers masks prompt tokens equal to the pad id.
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
 
 

@@ -11,6 +11,8 @@ cache, each confirmed against the stored token ids. Blocks are shared by referen
 block whose count drops to 0 goes to the free queue but keeps its contents and hash, so it can
 still be reused until it is evicted: the free queue hands out the least recently freed block
 first (blocks holding nothing reusable before any of them).
+
+Blocks enter the prefix cache once a step has computed them (``cache_full_blocks``).
 """
 
 import hashlib
@@ -125,8 +127,6 @@ class BlockManager:
         seq.num_computed_tokens = num_computed
         for _ in range(num_fresh):
             seq.block_table.append(self._take_free_block())
-        if self.enable_prefix_caching:
-            self._register_full_blocks(seq, total // self.block_size)
         return True
 
     def _take_free_block(self) -> int:
@@ -139,11 +139,17 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
-    def _register_full_blocks(self, seq: Sequence, num_full_blocks: int) -> None:
-        # Registered when scheduled, before the step runs: every layer writes the step's K/V
-        # before any attention reads it, so a sequence admitted in the same step may already
-        # share these blocks.
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Enter ``seq``'s blocks whose slots are all computed into the prefix cache.
+
+        Called after a step has run, never when scheduling it: within a step a block's K/V
+        are written by one attention call and may be read by another before that, so only
+        blocks computed by earlier steps can be shared.
+        """
+        if not self.enable_prefix_caching:
+            return
         bs = self.block_size
+        num_full_blocks = seq.num_computed_tokens // bs
         hashes = self._block_hashes(seq, num_full_blocks)
         for i in range(num_full_blocks):
             block = self.blocks[seq.block_table[i]]

@@ -175,8 +175,7 @@ class LLM:
             raise RuntimeError(f"the scheduler found nothing to run for "
                                f"{len(self._requests)} unfinished requests")
         sampled_seqs, tokens = self.runner.execute(batch)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
+        self.scheduler.complete(batch)
         now = time.perf_counter()
         outputs = []
         for seq, token in zip(sampled_seqs, tokens, strict=True):

@@ -100,6 +100,12 @@ class Scheduler:
         return ScheduledBatch(seqs=[s for s, _ in picked], num_new_tokens=[n for _, n in picked],
                               num_decodes=sum(1 for _, n in picked if n == 1))
 
+    def complete(self, batch: ScheduledBatch) -> None:
+        """Record that ``batch`` ran: its tokens are computed and their full blocks cached."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)
         seq.status = SequenceStatus.WAITING

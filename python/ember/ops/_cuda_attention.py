@@ -28,7 +28,7 @@ def flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, wi
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    left, right = _window(causal, window_left, window_right, seqlen_q, seqlen_k)
+    left, right = _window(window_left, window_right, seqlen_q, seqlen_k)
     _launch(q, k, v, out, lse, None, None, batch=batch, heads_q=heads_q, heads_kv=heads_kv,
             seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim,
             strides=[t.stride()[:3] for t in (q, k, v, out)],
@@ -42,8 +42,8 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     """Varlen mode: sequences packed along the token axis, no padding.
 
     q: ``[total_q, heads_q, head_dim]``; k, v: ``[total_k, heads_kv, head_dim]``;
-    cu_seqlens_q/k: int32 ``[batch + 1]`` cumulative lengths (0 first, ``total`` last,
-    non-decreasing); max_seqlen_q/k: at least the longest sequence (they size the grid).
+    cu_seqlens_q/k: contiguous int32 ``[batch + 1]`` cumulative lengths (0 first, ``total``
+    last, non-decreasing); max_seqlen_q/k: at least the longest sequence (they size the grid).
     Returns out ``[total_q, heads_q, head_dim]`` and lse float32 ``[heads_q, total_q]``.
     """
     total_q, heads_q, head_dim = q.shape
@@ -53,24 +53,22 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
     # Window bounds as wide as the packed tensors are as good as none.
-    left, right = _window(causal, window_left, window_right, total_q, total_k)
-    _launch(q, k, v, out, lse, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-            batch=batch, heads_q=heads_q, heads_kv=heads_kv, seqlen_q=max_seqlen_q,
-            seqlen_k=max_seqlen_k, head_dim=head_dim,
+    left, right = _window(window_left, window_right, total_q, total_k)
+    _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch=batch, heads_q=heads_q,
+            heads_kv=heads_kv, seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k, head_dim=head_dim,
             strides=[(0, *t.stride()[:2]) for t in (q, k, v, out)],
             lse_strides=(0, total_q), softmax_scale=softmax_scale, window=(left, right))
     return out, lse
 
 
-def _window(causal, left, right, seqlen_q, seqlen_k):
-    """Kernel window bounds: causal is right = 0; -1 for bounds that cut nothing.
+def _window(left, right, seqlen_q, seqlen_k):
+    """Kernel window bounds, -1 for a bound that cuts nothing.
 
-    Query row i sits at key position i + seqlen_k - seqlen_q, so every visible key is less than
-    seqlen_k positions left of it and less than seqlen_q positions right of it: larger bounds
-    are dropped, which also keeps the kernel's int32 index arithmetic far from overflow.
+    ``causal`` needs no handling of its own: it arrives as window_right == 0. Query row i sits
+    at key position i + seqlen_k - seqlen_q, so every key is less than seqlen_k positions left
+    of it and less than seqlen_q positions right of it: wider bounds are dropped, which also
+    keeps the kernel's int32 index arithmetic far from overflow.
     """
-    if causal:
-        right = 0
     if left >= seqlen_k:
         left = -1
     if right >= seqlen_q:
@@ -80,8 +78,10 @@ def _window(causal, left, right, seqlen_q, seqlen_k):
 
 def _aligned(t):
     """``t`` itself when its rows suit 16-byte copies, else a contiguous copy (rare: odd views)."""
+    # Strides of size-1 dims never reach an address.
+    strides = [s for s, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1]
     ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-          and all(s % _ALIGN_ELEMS == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+          and all(s % _ALIGN_ELEMS == 0 for s in strides))
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 

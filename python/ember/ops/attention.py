@@ -585,3 +585,5 @@ _registry.register("merge_attn_states",
 _registry.register("flash_attn_with_kvcache",
                    cuda="ember.ops._cuda_decode:flash_attn_with_kvcache")
 _registry.register("merge_attn_states", cuda="ember.ops._cuda_decode:merge_attn_states")
+_registry.register("flash_attn_func", cuda="ember.ops._cuda_attention:flash_attn")
+_registry.register("flash_attn_varlen_func", cuda="ember.ops._cuda_attention:flash_attn_varlen")

@@ -711,7 +711,8 @@ def speculative_accept(draft_token_ids, draft_probs, target_probs, seeds, offset
     emitted tokens are then distributed exactly as tokens drawn from the target.
     Greedy (draft_probs None): accept while ``t_j == argmax(p_j)``; the replacement or bonus
     is ``argmax(p_j)``. One-hot p and q for a row give the same result as greedy.
-    Draft tokens outside ``[0, V)`` are rejected; NaN or negative probabilities count as 0.
+    Draft tokens outside ``[0, V)`` are rejected; NaN or negative probabilities count as 0,
+    and a distribution left with no positive entry is drawn from uniformly.
 
     Returns ``(output_tokens int64 [B, k + 1], num_accepted int64 [B])``: the accepted drafts,
     then the replacement or bonus token, then -1.

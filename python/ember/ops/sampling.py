@@ -44,7 +44,7 @@ def _row_param(op, name, value, batch, device):
     if isinstance(value, torch.Tensor):
         allowed_dtypes = (torch.int32, torch.int64) if kind == "int" else (torch.float32,)
         check_tensor(op, name, value, dtypes=allowed_dtypes, shape=(batch,), device=device)
-        checkable = value.device.type == "cpu"
+        host = value if value.device.type == "cpu" else None
     else:
         number_types = (int,) if kind == "int" else (int, float)
         if isinstance(value, bool) or not isinstance(value, number_types):
@@ -53,10 +53,10 @@ def _row_param(op, name, value, batch, device):
         if kind == "int" and not INT64_MIN <= value <= INT64_MAX:
             raise ValueError(f"{op}: {name} must fit in int64, got {value}")
         wide = torch.int64 if kind == "int" else torch.float64
+        host = torch.tensor([value], dtype=wide)
         value = torch.full((batch,), value, dtype=wide, device=device)
-        checkable = True
-    if checkable and bool(_bad_values(name, value).any()):
-        bad = value[_bad_values(name, value)][0].item()
+    if host is not None and bool(_bad_values(name, host).any()):
+        bad = host[_bad_values(name, host)][0].item()
         raise ValueError(f"{op}: {name} must be {allowed}, got {bad}")
     if kind == "int":
         # Every value past int32 means "off" (>= vocab): clip it rather than let it wrap.
@@ -142,7 +142,7 @@ def speculative_accept(draft_token_ids, draft_probs, target_probs, seeds=None, o
             sampled from, or None for greedy verification.
         target_probs: float32 ``[B, k + 1, V]``, the target model's distributions at the k
             draft positions and the one after them. Rows must sum to 1 (NaN and negative
-            entries count as 0).
+            entries count as 0; a row with no positive entry is read as uniform).
         seeds, offsets: int64 ``[B]`` as in :func:`sample` (random / zero when None);
             position j uses stream offset ``offsets + j``, so the next step should start at
             ``offsets + num_accepted + 1``.
