@@ -5,8 +5,10 @@ Layout (after nki-library's ``attention_tkg`` and vLLM's NKI paged attention, in
 NKI API):
 
 * GQA packing: the ``group = hq / hkv`` query heads of one KV head times the ``seqlen_q`` new
-  positions are the rows of one tile (row ``g * seqlen_q + i``), so every K/V tile is read once
-  per KV head and the TensorE work per key is shared by the whole group.
+  positions are the rows of one tile (row ``g * seqlen_q + i``), so the TensorE work per key is
+  shared by the whole group. Each token tile of the cache is gathered once for all KV heads
+  (rows of ``heads_kv * d`` contiguous elements) and its masks are built once per row block,
+  then every KV head's softmax state is updated from it.
 * Cache reads: the cache is addressed as token slots ``[num_slots, heads_kv, d]`` (a paged
   cache ``[blocks, block_size, ...]`` or a contiguous one ``[batch, max_len, ...]`` viewed
   flat). For up to 128 tokens per DMA the kernel computes each token's slot on the device,
@@ -113,54 +115,75 @@ def decode_kernel(q, k_slots, v_slots, seqlens, block_table, tree, k_scale, v_sc
     my_tiles = tiles[pid * per_program:(pid + 1) * per_program]
     offsets = _block_offsets(block_size) if paged and block_size <= PMAX else None
 
+    # Query rows (and what depends on them only) per 128-row block of the packed rows.
+    row_blocks = []
+    for r0, rows in chunks(group * seqlen_q, PMAX):
+        blk = {"rows": rows, "segments": row_segments(r0, rows, seqlen_q), "scale": softmax_scale,
+               "v_factor": 1.0}
+        if fp8:
+            blk["scale"] = 1.0  # scores are scaled by softmax_scale * k_scale on evacuation
+            blk["k_factor"] = _broadcast_scalar(k_scale, rows)
+            nisa.tensor_scalar(dst=blk["k_factor"], data=blk["k_factor"], op0=nl.multiply,
+                               operand0=softmax_scale)
+            blk["v_factor"] = _broadcast_scalar(v_scale, rows)
+        row_blocks.append(blk)
+
     for b in range(batch):
         # This sequence's length on every partition, for the gathers' bounds.
         length = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=length, src=seqlens.ap(pattern=[[0, PMAX], [1, 1]], offset=b))
-        for hk in range(heads_kv):
-            for r0, rows in chunks(group * seqlen_q, PMAX):
-                segments = row_segments(r0, rows, seqlen_q)
+        for blk in row_blocks:
+            rows, segments = blk["rows"], blk["segments"]
+            blk["bounds"] = _row_bounds(length, segments, rows, seqlen_q, window_left,
+                                        window_right, has_tree)
+            blk["tree"] = _tree_columns(tree, b, segments, rows, seqlen_q, q.dtype) \
+                if has_tree else []
+            blk["q_cols"], blk["states"] = [], []
+            for hk in range(heads_kv):
                 q_rows = nl.ndarray((rows, head_dim), dtype=q.dtype, buffer=nl.sbuf)
                 for g, i0, count, at in segments:
                     nisa.dma_copy(dst=q_rows[at:at + count, :],
                                   src=q[b, i0:i0 + count, hk * group + g, :])
-                q_cols = columns_of(q_rows, q.dtype)
-                bounds = _row_bounds(length, segments, rows, seqlen_q, window_left,
-                                     window_right, has_tree)
-                tree_cols = _tree_columns(tree, b, segments, rows, seqlen_q, q.dtype) \
-                    if has_tree else []
-                scale, v_factor = softmax_scale, 1.0
-                if fp8:
-                    scale = 1.0  # scores are scaled by softmax_scale * k_scale on evacuation
-                    k_factor = _broadcast_scalar(k_scale, rows)
-                    nisa.tensor_scalar(dst=k_factor, data=k_factor, op0=nl.multiply,
-                                       operand0=softmax_scale)
-                    v_factor = _broadcast_scalar(v_scale, rows)
+                blk["q_cols"].append(columns_of(q_rows, q.dtype))
+                blk["states"].append(new_state(rows, head_dim))
 
-                state = new_state(rows, head_dim)
-                for tile in my_tiles:
-                    k_cols, v_rows, first, width = _gather_kv(
-                        k_slots, v_slots, block_table, offsets, length, b, hk, tile,
-                        block_size, paged, q.dtype)
+        for tile in my_tiles:
+            # One gather per token tile brings every KV head's rows; masks depend on the rows
+            # only, so they are built once per row block and shared by the heads.
+            k_rows, v_rows, first, width = _gather_kv(k_slots, v_slots, block_table, offsets,
+                                                      length, b, tile, block_size, paged,
+                                                      q.dtype)
+            k_cols = [_key_columns(k_rows, hk, head_dim, width, q.dtype)
+                      for hk in range(heads_kv)]
+            for blk in row_blocks:
+                rows = blk["rows"]
+                hidden = _hidden_keys(blk["bounds"], blk["tree"], first, width, rows,
+                                      window_left, q.dtype)
+                for hk in range(heads_kv):
                     s_psum = nl.ndarray((rows, width), dtype=nl.float32, buffer=nl.psum)
-                    scores(s_psum, q_cols, k_cols)
+                    scores(s_psum, blk["q_cols"][hk], k_cols[hk])
                     s = s_psum
                     if fp8:
                         # k_scale is a runtime value of either sign: scale before the max.
                         s = nl.ndarray((rows, width), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.tensor_scalar(dst=s, data=s_psum, op0=nl.multiply,
-                                           operand0=k_factor)
-                    _mask(s, bounds, tree_cols, first, width, seqlen_q, window_left, q.dtype)
-                    step(state, s, scale, v_rows, q.dtype)
+                                           operand0=blk["k_factor"])
+                    nisa.tensor_copy_predicated(dst=s, src=MASKED, predicate=hidden)
+                    v_head = [r[:, hk * head_dim:(hk + 1) * head_dim] for r in v_rows]
+                    step(blk["states"][hk], s, blk["scale"], v_head, q.dtype)
 
-                out_dtype = q.dtype if programs == 1 else nl.float32
-                o_tile, lse_tile = finish(state, scale, out_dtype, True, v_factor)
-                for g, i0, count, at in segments:
+        out_dtype = q.dtype if programs == 1 else nl.float32
+        for blk in row_blocks:
+            for hk in range(heads_kv):
+                o_tile, lse_tile = finish(blk["states"][hk], blk["scale"], out_dtype, True,
+                                          blk["v_factor"])
+                for g, i0, count, at in blk["segments"]:
                     h = hk * group + g
                     if programs == 1:
                         nisa.dma_copy(dst=out[b, i0:i0 + count, h, :],
                                       src=o_tile[at:at + count, :])
-                        nisa.dma_copy(dst=lse[b, h, i0:i0 + count], src=lse_tile[at:at + count, :])
+                        nisa.dma_copy(dst=lse[b, h, i0:i0 + count],
+                                      src=lse_tile[at:at + count, :])
                     else:
                         t0 = b * seqlen_q + i0
                         nisa.dma_copy(dst=out[pid, t0:t0 + count, h, :],
@@ -230,12 +253,12 @@ def _tree_columns(tree, b, segments, rows, seqlen_q, dtype):
     return cols
 
 
-def _gather_kv(k_slots, v_slots, block_table, offsets, length, b, hk, tile, block_size, paged,
+def _gather_kv(k_slots, v_slots, block_table, offsets, length, b, tile, block_size, paged,
                dtype):
-    """K^T chunks ``[dc, width]`` and V row tiles ``[tokens, d]`` (in ``dtype``) of one score
-    tile's cache rows; rows past the sequence are zeros. Returns (k_cols, v_rows, first key
-    position, width)."""
-    heads_kv, head_dim = k_slots.shape[1], k_slots.shape[2]
+    """Cache rows of one score tile for every KV head: lists of SBUF ``[tokens, heads_kv * d]``
+    K tiles (cache dtype) and V tiles (in ``dtype``); rows past the sequence are zeros.
+    Returns (k_rows, v_rows, first key position, width)."""
+    row_len = k_slots.shape[1] * k_slots.shape[2]
     k_rows, v_rows = [], []
     for t0, tokens, j0 in tile:
         slot = nl.ndarray((tokens, 1), dtype=nl.int32, buffer=nl.sbuf)
@@ -268,21 +291,13 @@ def _gather_kv(k_slots, v_slots, block_table, offsets, length, b, hk, tile, bloc
         nisa.tensor_copy_predicated(dst=slot, src=-1, predicate=past)
 
         for cache, rows_out in ((k_slots, k_rows), (v_slots, v_rows)):
-            rows = nl.ndarray((tokens, head_dim), dtype=cache.dtype, buffer=nl.sbuf)
+            rows = nl.ndarray((tokens, row_len), dtype=cache.dtype, buffer=nl.sbuf)
             nisa.memset(dst=rows, value=0.0)
-            nisa.dma_copy(dst=rows,
-                          src=cache.ap(pattern=[[heads_kv * head_dim, tokens], [1, head_dim]],
-                                       offset=hk * head_dim, vector_offset=slot,
-                                       indirect_dim=0),
+            nisa.dma_copy(dst=rows, src=cache.ap(pattern=[[row_len, tokens], [1, row_len]],
+                                                 vector_offset=slot, indirect_dim=0),
                           oob_mode=nisa.oob_mode.skip)
             rows_out.append(rows)
 
-    width = sum(t[1] for t in tile)
-    k_cols = []
-    for d0, dc in chunks(head_dim, PMAX):
-        cols = nl.ndarray((dc, width), dtype=dtype, buffer=nl.sbuf)
-        transpose_blocks(cols, [r[:, d0:d0 + dc] for r in k_rows])
-        k_cols.append(cols)
     if v_rows[0].dtype != dtype:
         # fp8 cache rows: TensorE on trn2 takes float8_e4m3 but not the OCP e4m3fn of the
         # cache; the values are exact in bf16/fp16.
@@ -292,20 +307,31 @@ def _gather_kv(k_slots, v_slots, block_table, offsets, length, b, hk, tile, bloc
             nisa.tensor_copy(dst=w, src=r)
             widened.append(w)
         v_rows = widened
-    return k_cols, v_rows, tile[0][0], width
+    return k_rows, v_rows, tile[0][0], sum(t[1] for t in tile)
 
 
-def _mask(s, bounds, tree_cols, first, width, seqlen_q, window_left, dtype):
-    """Hide keys ``[first, first+width)`` of ``s [rows, width]`` that rows must not see."""
-    rows = s.shape[0]
+def _key_columns(k_rows, hk, head_dim, width, dtype):
+    """K^T of KV head ``hk``: per 128-chunk of head_dim an SBUF ``[dc, width]`` tile in
+    ``dtype`` (fp8 rows are widened on the copy out of the transposes)."""
+    cols = []
+    for d0, dc in chunks(head_dim, PMAX):
+        tile = nl.ndarray((dc, width), dtype=dtype, buffer=nl.sbuf)
+        lo = hk * head_dim + d0
+        transpose_blocks(tile, [r[:, lo:lo + dc] for r in k_rows])
+        cols.append(tile)
+    return cols
+
+
+def _hidden_keys(bounds, tree_cols, first, width, rows, window_left, dtype):
+    """uint8 ``[rows, width]``: 1 where a row must not see key ``first + f``."""
     position = nl.ndarray((rows, width), dtype=nl.float32, buffer=nl.sbuf)
     nisa.iota(dst=position, pattern=[[1, width]], offset=first, channel_multiplier=0)
     hidden = nl.ndarray((rows, width), dtype=nl.uint8, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=hidden, data=position, op0=nl.greater_equal, operand0=bounds["hi"])
-    nisa.tensor_copy_predicated(dst=s, src=MASKED, predicate=hidden)
     if window_left >= 0:
-        nisa.tensor_scalar(dst=hidden, data=position, op0=nl.less, operand0=bounds["lo"])
-        nisa.tensor_copy_predicated(dst=s, src=MASKED, predicate=hidden)
+        left_of = nl.ndarray((rows, width), dtype=nl.uint8, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=left_of, data=position, op0=nl.less, operand0=bounds["lo"])
+        nisa.tensor_tensor(dst=hidden, data1=hidden, data2=left_of, op=nl.maximum)
     if tree_cols:
         # in_tree[row, f] = tree[b, i(row), c] where key first+f is tail key c, else 0.
         in_tree = nl.ndarray((rows, width), dtype=nl.float32, buffer=nl.psum)
@@ -322,8 +348,10 @@ def _mask(s, bounds, tree_cols, first, width, seqlen_q, window_left, dtype):
         nisa.tensor_scalar(dst=before_tail, data=position, op0=nl.less,
                            operand0=bounds["ctx"][0:rows, :])
         nisa.tensor_tensor(dst=before_tail, data1=before_tail, data2=in_tree, op=nl.maximum)
-        nisa.tensor_scalar(dst=hidden, data=before_tail, op0=nl.equal, operand0=0.0)
-        nisa.tensor_copy_predicated(dst=s, src=MASKED, predicate=hidden)
+        outside = nl.ndarray((rows, width), dtype=nl.uint8, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=outside, data=before_tail, op0=nl.equal, operand0=0.0)
+        nisa.tensor_tensor(dst=hidden, data1=hidden, data2=outside, op=nl.maximum)
+    return hidden
 
 
 @nki.jit
