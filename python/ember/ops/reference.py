@@ -284,7 +284,7 @@ def moe_align(topk_ids, num_experts, block_m):
     counts.scatter_add_(0, expert, torch.ones_like(expert))
     starts = torch.cumsum(counts, 0) - counts
     padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
+    padded[num_experts:].zero_()  # a slice, not a scalar index: no host->device copy
     padded_ends = torch.cumsum(padded, 0)
     padded_starts = padded_ends - padded
 
