@@ -3,7 +3,8 @@
 Every benchmark row is compared with these in the same run. Preparation that a user does once
 (packing a weight, compressing a 2:4 matrix) is a separate function from the timed call.
 
-- attention: torch SDPA restricted to its FlashAttention-2 backend or its cuDNN backend;
+- attention: torch SDPA restricted to its FlashAttention-2 backend or its cuDNN backend (with
+  an explicit mask: cuDNN or memory-efficient, since flash takes no mask);
 - dense GEMM: cuBLAS through ``torch.matmul``;
 - MoE: ``torch._grouped_mm`` (CUTLASS grouped GEMM) and a per-expert loop of cuBLAS calls;
 - fp8 GEMM: ``torch._scaled_mm`` with row-wise scales;
@@ -17,19 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
 
-def _sdpa_nhd(q, k, v, causal, softmax_scale):
+def _sdpa_nhd(q, k, v, causal, softmax_scale, attn_mask=None):
     # SDPA wants [batch, heads, seq, dim]; transposing flash-attn's [batch, seq, heads, dim] is a
     # view, and both backends take those strides as they are (no copy).
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-        scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2])
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+        is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 
@@ -43,6 +45,20 @@ def sdpa(q, k, v, *, causal=False, backend="flash", softmax_scale=None):
     """
     with sdpa_kernel(SDPA_BACKENDS[backend]):
         return _sdpa_nhd(q, k, v, causal, softmax_scale)
+
+
+def sdpa_masked(q, k, v, mask, *, backend="cudnn", softmax_scale=None):
+    """torch SDPA with an explicit boolean mask, on one backend ("cudnn" or "efficient": the
+    flash backend takes no mask), flash-attn layout.
+
+    q ``[batch, seqlen_q, heads_q, d]``, k/v ``[batch, seqlen_k, heads_kv, d]``, fp16/bf16;
+    mask bool ``[seqlen_q, seqlen_k]`` (True: attend), broadcast over batch and heads, e.g.
+    ``ember.ops.reference.attention_mask(sq, sk, causal=True)`` for flash-attn's bottom-right
+    causal mask. GQA passes ``enable_gqa=True``. Returns ``[batch, seqlen_q, heads_q, d]`` (a
+    strided view). Raises if the backend cannot run it.
+    """
+    with sdpa_kernel(SDPA_BACKENDS[backend]):
+        return _sdpa_nhd(q, k, v, False, softmax_scale, attn_mask=mask)
 
 
 def sdpa_varlen_loop(q, k, v, seqlens: Sequence[int], *, causal=False, backend="flash",

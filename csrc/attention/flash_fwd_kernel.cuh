@@ -22,13 +22,18 @@
 //     of the next MMA, so P is rounded to 16 bits in registers and fed straight into P V.
 //   * Online softmax in base 2 with the scale folded into one FFMA per score; the running row
 //     max is reduced over the 4 lanes of a quad with shuffles, the row sum stays per-lane until
-//     the end, and O is divided by the row sum once, in the epilogue.
+//     the end, O is rescaled only on tiles where some row max of the warp moved, and O is
+//     divided by the row sum once, in the epilogue.
+//   * Registers: with 32 Q rows per warp the O accumulator alone is d floats per thread, so the
+//     tile shapes (flash_fwd_hdim*.cu) are chosen to fit 255 registers with no spill; see
+//     the ptxas report (-Xptxas -v).
 //   * Masks: from the causal/window bounds the CTA computes the first and last K tiles any of
 //     its rows can see and loops over only those (last tile first); per-element masks run only
 //     on tiles that straddle a bound or the sequence end (the kMask instantiation).
 //   * Shared-memory tiles are stored in column blocks of 128 bytes (64 bytes for d = 96) with
-//     the 16-byte chunk index XORed by the row, so the 8 rows an ldmatrix phase reads and the 8
-//     chunks a cp.async phase writes fall in distinct banks.
+//     the 16-byte chunk index XORed by the row, so the 8 rows an ldmatrix phase reads, and the
+//     8 chunks a cp.async or epilogue phase writes, fall in distinct banks (for d = 96 some
+//     cp.async phases span two 64-byte blocks and see 2-way conflicts; reads stay free).
 #pragma once
 
 #include <atomic>

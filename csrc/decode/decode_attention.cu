@@ -56,7 +56,9 @@ void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
                                 std::to_string(p.page_size));
   }
   const bool fp8 = static_cast<DType>(cache_dtype) == DType::kFloat8E4M3;
-  if (!fp8 && cache_dtype != dtype) unsupported_dtype("flash_attn_with_kvcache(cache)", cache_dtype);
+  if (!fp8 && cache_dtype != dtype) {
+    unsupported_dtype("flash_attn_with_kvcache(cache)", cache_dtype);
+  }
   if (fp8 && (p.k_scale == nullptr || p.v_scale == nullptr)) {
     throw std::invalid_argument(op + "fp8 caches need k_scale and v_scale");
   }

@@ -353,7 +353,9 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
         bool visible = j >= rm.lo[r] && j < rm.hi[r];
         // The tree rows are read only for keys of the sequence (j < hi <= seqlen_k), so
         // j - diag < seqlen_q.
-        if (visible && rm.tree[r] != nullptr && j >= rm.diag) visible = rm.tree[r][j - rm.diag] != 0;
+        if (visible && rm.tree[r] != nullptr && j >= rm.diag) {
+          visible = rm.tree[r][j - rm.diag] != 0;
+        }
         if (!visible) x = -INFINITY;
       }
       s[nj][e] = x;
@@ -616,7 +618,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     for (int w = 0; w < Cfg::kWarpsN; ++w) {
       const float m = s_m[w * kBM + row];
       if (m != -INFINITY) total += s_l[w * kBM + row] * exp2f(m - top);
-      const float4 part = *reinterpret_cast<const float4*>(s_o + (w * kBM + row) * Cfg::kOStride + col);
+      const float4 part =
+          *reinterpret_cast<const float4*>(s_o + (w * kBM + row) * Cfg::kOStride + col);
       o.x += part.x;
       o.y += part.y;
       o.z += part.z;

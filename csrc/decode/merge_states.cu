@@ -121,22 +121,18 @@ void launch_merge(const States& states, const StateRows<TOut>& out, int batch, i
   if (blocks > 0x7fffffff) throw std::invalid_argument("ember: merge_attn_states: too many rows");
   const dim3 grid(static_cast<unsigned>(blocks));
   constexpr int kThreads = kWarpsPerBlock * 32;
+  const auto launch = [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, stream>>>(states, out, positions, heads, rows);
+  };
   switch (head_dim) {
-    case 64:
-      merge_states_kernel<TIn, TOut, 64><<<grid, kThreads, 0, stream>>>(states, out, positions, heads, rows);
-      break;
-    case 96:
-      merge_states_kernel<TIn, TOut, 96><<<grid, kThreads, 0, stream>>>(states, out, positions, heads, rows);
-      break;
-    case 128:
-      merge_states_kernel<TIn, TOut, 128><<<grid, kThreads, 0, stream>>>(states, out, positions, heads, rows);
-      break;
-    case 256:
-      merge_states_kernel<TIn, TOut, 256><<<grid, kThreads, 0, stream>>>(states, out, positions, heads, rows);
-      break;
+    case 64: launch(merge_states_kernel<TIn, TOut, 64, States>); break;
+    case 96: launch(merge_states_kernel<TIn, TOut, 96, States>); break;
+    case 128: launch(merge_states_kernel<TIn, TOut, 128, States>); break;
+    case 256: launch(merge_states_kernel<TIn, TOut, 256, States>); break;
     default:
-      throw std::invalid_argument("ember: merge_attn_states: head_dim must be 64, 96, 128 or 256, got " +
-                                  std::to_string(head_dim));
+      throw std::invalid_argument(
+          "ember: merge_attn_states: head_dim must be 64, 96, 128 or 256, got " +
+          std::to_string(head_dim));
   }
   check_launch("merge_states_kernel");
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import attention, harness, report, store_kvcache
+from bench import anchors, attention, decode, harness, report, store_kvcache
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -232,3 +232,105 @@ def test_unreadable_results_are_set_aside(tmp_path):
     data = json.loads((tmp_path / "test-gpu-not-real.json").read_text())
     assert set(data["suites"]) == {"one"}
     assert (tmp_path / "test-gpu-not-real.json.unreadable").read_text().endswith("{")
+
+
+def test_decode_formulas_hand_computed():
+    # bf16, 1 x 128k keys, 8 KV heads x 128: K and V 2 * 131072 * 8 * 128 * 2 bytes = 512 MiB,
+    # plus q and out 2 * 32 * 128 * 2
+    assert decode.decode_bytes(1, 1, 131072, 32, 8, 128, 2) == 536_887_296
+    # fp8 cache: K and V at 1 byte per element, q and out still bf16
+    assert decode.decode_bytes(1, 1, 131072, 32, 8, 128, 1) == 268_451_840
+    # append, 7 sequences of 16 queries: 2 * 7 * 4096 * 3 * 64 * 2 + 2 * 7 * 16 * 9 * 64 * 2
+    assert decode.decode_bytes(7, 16, 4096, 9, 3, 64, 2) == 22_278_144
+    # 4 * 32 * 512 * 65536 * 128, causal triangle not subtracted
+    assert decode.append_flops(32, 512, 65536, 128) == 549_755_813_888
+
+
+@pytest.fixture
+def tiny_decode(tiny_suites, monkeypatch):
+    """The decode suite at CPU sizes: an awkward cache length (33: a partial last page), batch
+    1 and 3, GQA 4:2 and 3:1."""
+    for name, value in dict(GRID=((1, 40), (3, 33)), HEADS=((4, 2), (3, 1)), HEAD_DIMS=(32,),
+                            APPEND_HEADS_Q=4, APPEND_HEADS_KV=2, APPEND_HEAD_DIM=32,
+                            APPEND_SEQLENS_Q=(5,), APPEND_CACHE_LENS=(21, 40)).items():
+        monkeypatch.setattr(decode, name, value)
+    monkeypatch.setattr(decode, "ember_backends",
+                        lambda op: harness.ember_backends(op, wanted=("torch",)))
+
+
+def test_decode_suite_plumbing_on_cpu(tiny_decode, tmp_path):
+    # A different time for every timing, so each cross ratio must pair the right rows.
+    ticks = iter(range(1, 10**6))
+
+    def timer(fn, **_):
+        fn()
+        return float(next(ticks))
+
+    ctx = harness.Context("decode", roofline={"copy_tbps": 3.0, "matmul_bf16_tflops": 700.0},
+                          timer=timer)
+    decode.run(ctx)
+    by_op = {op: [r for r in ctx.rows if r["op"] == op]
+             for op in ("decode", "decode_fp8", "decode_append")}
+    assert sum(map(len, by_op.values())) == len(ctx.rows)
+    # per (heads, grid point): contiguous 2 ember + 2 anchors, paged 2; fp8 kernel rows only
+    assert len(by_op["decode"]) == 4 * 6 and len(by_op["decode_fp8"]) == 4 * 2
+    assert {r["provider"] for r in by_op["decode_fp8"]} == {"ember-torch-kernel"}
+    assert len(by_op["decode_append"]) == 2 * 4  # cache lengths x providers
+
+    def timed(op, provider, row, layout):
+        keys = ("heads_q", "heads_kv", "head_dim", "batch", "cache_len")
+        [match] = [r for r in by_op[op] if r["provider"] == provider and r["layout"] == layout
+                   and all(r[k] == row[k] for k in keys)]
+        return match["ms"]
+
+    for r in by_op["decode"] + by_op["decode_fp8"]:
+        if r["provider"] == "sdpa-cudnn":   # cuDNN cannot run on CPU: an error row, no crash
+            assert "error" in r
+            continue
+        assert r["check"] == "ok", r
+        fp8 = r["op"] == "decode_fp8"
+        want = decode.decode_bytes(r["batch"], 1, r["cache_len"], r["heads_q"], r["heads_kv"],
+                                   r["head_dim"], 1 if fp8 else 2)
+        assert r["tbps"] == pytest.approx(want / r["ms"] / 1e9, rel=1e-4)
+        if r["provider"].startswith("sdpa-"):
+            continue
+        flash = timed("decode", "sdpa-flash", r, "contiguous")
+        assert r["ratio_to_sdpa-flash"] == pytest.approx(flash / r["ms"], rel=1e-4)
+        if r["layout"] != "contiguous":
+            same = timed(r["op"], r["provider"], r, "contiguous")
+            assert r["ratio_to_contiguous"] == pytest.approx(same / r["ms"], rel=1e-4)
+        else:
+            assert "ratio_to_contiguous" not in r
+        if fp8:
+            bf16 = timed("decode", r["provider"], r, r["layout"])
+            assert r["ratio_to_bf16"] == pytest.approx(bf16 / r["ms"], rel=1e-4)
+    for r in by_op["decode_append"]:
+        if r["provider"] in decode.APPEND_ANCHORS:   # neither runs on CPU
+            assert "error" in r
+            continue
+        assert r["check"] == "ok", r
+        want = decode.append_flops(4, 5, r["cache_len"], 32)
+        assert r["tflops"] == pytest.approx(want / r["ms"] / 1e9, rel=1e-4)
+    assert any("sdpa-cudnn with enable_gqa=True failed" in n for n in ctx.notes)
+
+    pytest.importorskip("matplotlib")
+    env = {"gpu": "cpu", "gpu_slug": "test-cpu-not-real", "date": "now"}
+    written = report.save_suite(tmp_path, env, {"decode": harness.SUITES["decode"]}, ctx,
+                                "complete")
+    assert tmp_path / "test-cpu-not-real_decode.png" in written
+    md = (tmp_path / "test-cpu-not-real.md").read_text()
+    assert "### decode_fp8" in md and "ember-torch-kernel / bf16" in md
+
+
+def test_sdpa_masked_anchor_layout_and_mask():
+    # On CPU only SDPA's flash kernel takes a mask; it checks the anchor's layout, GQA and
+    # bottom-right mask handling (cuDNN and memory-efficient run in the bench on a GPU).
+    from ember.ops import reference
+
+    q = torch.randn(2, 7, 6, 32)
+    k, v = (torch.randn(2, 19, 2, 32) for _ in range(2))
+    mask = reference.attention_mask(7, 19, causal=True)
+    out = anchors.sdpa_masked(q, k, v, mask, backend="flash")
+    assert out.shape == q.shape
+    want = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=True)
+    assert harness.relative_error(out, want) < 1e-5
