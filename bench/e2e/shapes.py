@@ -33,6 +33,16 @@ def config_dict(name: str) -> dict:
             "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **SHAPES[name]}
 
 
+def hf_config(name: str):
+    """The same shape as a transformers LlamaConfig (transformers 5 names rope settings
+    ``rope_parameters``)."""
+    from transformers import LlamaConfig
+
+    cfg = config_dict(name)
+    rope = {"rope_type": "default", **cfg.pop("rope_scaling", {}), "rope_theta": cfg["rope_theta"]}
+    return LlamaConfig(**cfg, rope_parameters=rope)
+
+
 def write_config_folder(name: str, root: Path) -> str:
     """A folder holding only ``config.json``: enough for ``load_format="dummy"``."""
     folder = Path(root) / name

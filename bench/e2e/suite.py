@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from bench.e2e.shapes import config_dict, write_config_folder
+from bench.e2e.shapes import hf_config, write_config_folder
 from bench.harness import suite
 
 DECODE_MODELS = ("smollm2-135m", "llama-3.2-1b", "llama-3-8b")
@@ -57,14 +57,10 @@ def _ember_llm(name: str, root, **kwargs):
 
 
 def _hf_model(name: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = config_dict(name)
-    if "rope_scaling" in cfg:  # transformers 5 takes rope settings as rope_parameters
-        cfg["rope_parameters"] = {**cfg.pop("rope_scaling"), "rope_theta": cfg["rope_theta"]}
     with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(LlamaConfig(**cfg),
-                                                dtype=torch.bfloat16).eval()
+        return AutoModelForCausalLM.from_config(hf_config(name), dtype=torch.bfloat16).eval()
 
 
 def _hf_decode_tok_s(model, input_len: int, output_len: int) -> float:

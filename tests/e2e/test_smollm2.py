@@ -7,14 +7,12 @@ CUDA graphs identical to eager.
 
 import copy
 
+import ember
 import pytest
 import torch
-
-import ember
-from smollm2_files import smollm2_folder
-
 from ember.models.attention import AttentionMetadata
 from ember.models.loader import Checkpoint, load_model
+from smollm2_files import smollm2_folder
 
 PROMPTS = [
     "The capital of France is",
@@ -165,7 +163,7 @@ def test_bf16_close_to_transformers_bf16(hf_smollm2):
     params = ember.SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     agree = sum(o.outputs[0].token_ids == hf_greedy(hf16, tokenizer(p).input_ids)
-                for o, p in zip(outs, PROMPTS))
+                for o, p in zip(outs, PROMPTS, strict=True))
     assert agree >= 6, f"only {agree} of 8 prompts agree with transformers bf16"
 
 
@@ -189,4 +187,4 @@ def test_cuda_graphs_match_eager(dtype):
     prompts = prompts[:29]
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in graphs.generate(prompts, params, use_tqdm=False)]
-    assert sum(g == w for g, w in zip(got, want)) >= 26
+    assert sum(g == w for g, w in zip(got, want, strict=True)) >= 26

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from tiny_checkpoints import save_tiny_checkpoint  # noqa: E402
-
 import ember  # noqa: E402
+from tiny_checkpoints import save_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -3,13 +3,12 @@ on batching, chunking, prefix caching or preemption; requests are never dropped.
 
 import json
 
+import ember
 import pytest
 import torch
+from ember import SamplingParams
 from tiny_checkpoints import TINY_VOCAB as VOCAB
 from tiny_checkpoints import hf_greedy, random_prompts
-
-import ember
-from ember import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 
@@ -174,7 +173,7 @@ def test_generate_accepts_prompt_forms_and_keeps_order(make_llm):
     per_prompt = [SamplingParams(temperature=0, max_tokens=n) for n in (1, 5, 3)]
     outs = llm.generate(p, per_prompt, use_tqdm=False)
     assert [len(t) for t in generated(outs)] == [1, 5, 3]
-    assert [t for t in generated(outs)] == [r[:n] for r, n in zip(reference, (1, 5, 3))]
+    assert generated(outs) == [r[:n] for r, n in zip(reference, (1, 5, 3), strict=True)]
 
 
 def test_stream_yields_the_generated_tokens(make_llm):

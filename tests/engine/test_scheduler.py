@@ -7,14 +7,13 @@ prefix, or a slot never written, is caught exactly as wrong attention would be.
 
 import random
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_block_manager import check_invariants
-
 from ember.engine.block_manager import BlockManager
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence, SequenceStatus
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_block_manager import check_invariants
 
 
 class Simulation:
@@ -29,6 +28,10 @@ class Simulation:
         self.rng = random.Random(seed)
         self.seqs = []
         self.steps = 0
+
+    def slot(self, seq, position):
+        bs = self.bm.block_size
+        return seq.block_table[position // bs] * bs + position % bs
 
     def add(self, prompt, max_tokens):
         seq = Sequence(f"r{len(self.seqs)}", prompt, SamplingParams(max_tokens=max_tokens),
@@ -49,15 +52,15 @@ class Simulation:
         assert len({id(s) for s in batch.seqs}) == len(batch.seqs)
         live = [s for s in self.seqs if s.block_table]
         check_invariants(self.bm, live)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             assert seq.status == SequenceStatus.RUNNING
             start = seq.num_computed_tokens
             assert len(seq.block_table) * self.bm.block_size >= start + n
             # The "model": write this chunk's K/V, then read the whole context back.
             for p in range(start, start + n):
-                self.kv[self.bm.slot(seq, p)] = tuple(seq.token_ids[:p + 1])
+                self.kv[self.slot(seq, p)] = tuple(seq.token_ids[:p + 1])
             for p in range(start + n):
-                assert self.kv.get(self.bm.slot(seq, p)) == tuple(seq.token_ids[:p + 1]), \
+                assert self.kv.get(self.slot(seq, p)) == tuple(seq.token_ids[:p + 1]), \
                     f"{seq} reads a K/V slot of another prefix at position {p}"
         self.sched.complete(batch)
         for seq in batch.seqs:

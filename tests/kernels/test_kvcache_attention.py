@@ -195,7 +195,7 @@ CPU_CASES = {
                         num_splits=4),
     "window-decode": Case(cache_lens=(120, 50), window=(20, -1), num_splits=3,
                           block_size=32),
-    # The first visible key is the last of a 16/32/64-key tile: an off-by-one skips its tile.
+    # The first visible key (63, 127) ends a 64- or 128-key tile: an off-by-one skips its tile.
     "window-edge-on-tile-end": Case(cache_lens=(99, 163), window=(36, -1), block_size=16),
     "window-append-causal": Case(seqlen_q=5, cache_lens=(60, 10), window=(7, 0), causal=True),
     "window-both-sides": Case(seqlen_q=4, cache_lens=(40,), batch=1, window=(3, 2),
@@ -235,6 +235,7 @@ GPU_CASES = {
                                           num_splits=64),
     "b7-window-4096-paged16": Case(batch=7, cache_lens=(4096, 257), heads=(28, 4),
                                    window=(1000, -1), block_size=16, head_dim=128),
+    # fp8 with new tokens: the Triton interpreter rounds float->e4m3 wrongly, so only here.
     "b7-fp8-4096-paged16": Case(batch=7, cache_lens=(4096, 17, 257), heads=(32, 8),
                                 head_dim=128, fp8=True, block_size=16),
     "b7-fp8-contiguous-sq4-causal": Case(batch=7, cache_lens=(255, 33000), heads=(9, 3),
@@ -275,17 +276,6 @@ def test_kvcache_attention_split_count_invariance(backend, device):
         out, lse = ember.ops.flash_attn_with_kvcache(**args, return_lse=True, backend=backend)
         assert_within_lowp_error(out, ref_out, lowp_out, name=f"out, {splits} splits")
         torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_kvcache_attention_fp8_new_tokens(backend):
-    """New tokens are quantised into an fp8 cache like store_kvcache, bit for bit (the Triton
-    interpreter rounds float->e4m3 wrongly, so this runs on the GPU only)."""
-    _skip_unimplemented("flash_attn_with_kvcache", backend)
-    for case in (Case(fp8=True, batch=7, cache_lens=(17, 300), heads=(9, 3), block_size=16),
-                 Case(fp8=True, batch=3, cache_lens=(255,), seqlen_q=4, causal=True)):
-        check_kvcache_attention(case, torch.bfloat16, backend, "cuda")
 
 
 @pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))

@@ -65,9 +65,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free)
 
-    def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list:
         hashes = self._hashes.setdefault(seq.request_id, [])
         bs = self.block_size
@@ -109,7 +106,7 @@ class BlockManager:
             raise ValueError("cached blocks can only start a sequence's block table")
         num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
         total = num_computed + num_new_tokens
-        num_fresh = self.blocks_needed(total) - len(seq.block_table) - len(cached_blocks)
+        num_fresh = -(-total // self.block_size) - len(seq.block_table) - len(cached_blocks)
         reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         if max(num_fresh, 0) + reclaimed > len(self.free):
             return False
@@ -175,7 +172,3 @@ class BlockManager:
     def forget(self, seq: Sequence) -> None:
         """Drop the bookkeeping of a sequence that has left the engine."""
         self._hashes.pop(seq.request_id, None)
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + \
-            position % self.block_size

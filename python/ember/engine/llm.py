@@ -244,7 +244,7 @@ class LLM:
         else:
             params = [sampling_params] * len(prompts)
         # Build every sequence before queueing any, so a bad prompt leaves the engine idle.
-        seqs = [self._new_sequence(p, sp, None) for p, sp in zip(prompts, params)]
+        seqs = [self._new_sequence(p, sp, None) for p, sp in zip(prompts, params, strict=True)]
         for seq in seqs:
             self._submit(seq)
         finished = {}

@@ -74,7 +74,7 @@ def prepare_inputs(batch: ScheduledBatch, device: torch.device) -> StepInputs:
         meta.chunk_block_table = to_dev(tables[nd:])
 
     # A sequence samples when this step computes its last known token.
-    sampling = [i for i, (s, start, n) in enumerate(zip(seqs, starts, counts))
+    sampling = [i for i, (s, start, n) in enumerate(zip(seqs, starts, counts, strict=True))
                 if start + n == len(s)]
     return StepInputs(
         input_ids=to_dev(np.asarray(input_ids, dtype=np.int64)),

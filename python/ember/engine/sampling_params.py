@@ -64,7 +64,8 @@ class SamplingParams:
                              f"({self.max_tokens})")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+            raise ValueError(f"stop must be a non-empty string or a list of them, "
+                             f"got {self.stop!r}")
         self.stop_strings = tuple(stop)
         ids = list(self.stop_token_ids or [])
         for tok in ids:
@@ -72,10 +73,6 @@ class SamplingParams:
             if tok < 0:
                 raise ValueError(f"stop_token_ids must be non-negative, got {tok}")
         self.stop_token_ids = ids
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 def _number(name, value):

@@ -1,0 +1,76 @@
+"""The end-to-end benchmark's plumbing on CPU: model shapes read the same by ember and
+transformers, and the measurements of ``ember.engine.benchmark`` / ``ember bench``."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the bench package
+import ember  # noqa: E402
+from ember.engine import benchmark  # noqa: E402
+from ember.models.config import ModelConfig  # noqa: E402
+from ember.models.llama import LlamaForCausalLM  # noqa: E402
+
+from bench.e2e.shapes import SHAPES, config_dict, hf_config, write_config_folder  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_shapes_have_the_same_parameters_in_ember_and_transformers(name):
+    from transformers import AutoModelForCausalLM
+
+    config = ModelConfig.from_hf(config_dict(name))
+    with torch.device("meta"):
+        ours = LlamaForCausalLM(config, max_positions=16)
+        theirs = AutoModelForCausalLM.from_config(hf_config(name))
+    ours_params = {n: p.shape for n, p in ours.named_parameters()}
+    theirs_count = sum(p.numel() for p in theirs.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == theirs_count
+    assert config.tie_word_embeddings == ("lm_head.weight" not in ours_params)
+    if name == "llama-3.2-1b":
+        assert config.rope_scaling["rope_type"] == "llama3"
+
+
+@pytest.fixture(scope="module")
+def tiny_random(tmp_path_factory):
+    """A config.json-only folder of a tiny Llama shape (random weights)."""
+    folder = tmp_path_factory.mktemp("shape")
+    cfg = {**config_dict("smollm2-135m"), "hidden_size": 64, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 16, "vocab_size": 2048}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def test_measurements_on_a_tiny_random_model(tiny_random):
+    llm = ember.LLM(tiny_random, load_format="dummy", num_kv_blocks=64)
+    latency = benchmark.measure_latency(llm, input_len=12, output_len=6)
+    assert latency["ttft_s"] > 0 and latency["decode_tok_s"] > 0
+    assert not llm.has_unfinished_requests()
+    result = benchmark.measure_throughput(llm, num_requests=6, min_len=3, max_len=9)
+    assert result["requests"] == 6 and 18 <= result["output_tokens"] <= 54
+    assert result["output_tok_s"] > 0 and result["peak_memory_gb"] is None
+
+
+def test_cli_bench_prints_json(tiny_random, capsys):
+    from ember import cli
+
+    cli.main(["bench", "latency", "--model", tiny_random, "--load-format", "dummy",
+              "--input-len", "8", "--output-len", "4", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["output_len"] == 4 and result["engine"]["num_kv_blocks"] > 0
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from ember import cli
+
+    with pytest.raises(SystemExit, match="ember: error: model .* not found"):
+        cli.main(["generate", "hi", "--model", str(tmp_path / "missing")])
+
+
+def test_write_config_folder(tmp_path):
+    folder = write_config_folder("llama-3-8b", tmp_path)
+    config = ember.models.loader.Checkpoint(folder).config
+    assert (config.hidden_size, config.num_layers, config.head_dim) == (4096, 32, 128)
