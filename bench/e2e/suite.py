@@ -103,6 +103,9 @@ def _hf_static_batch_tok_s(model, lengths: list) -> float:
 
 def _check_bar(ctx, key, value):
     field, bar = BARS[key]
+    if value is None:  # no roofline measured in this run
+        ctx.note(f"bar {key}: {field} unknown, bar {bar:g} not checked")
+        return
     verdict = "meets" if value >= bar else "MISSES"
     ctx.note(f"bar {key}: {field} {value:.3g} {verdict} the bar {bar:g}")
 
@@ -132,8 +135,7 @@ def _decode(ctx, name, root, input_len, output_len):
                           "weights": weights, "peak_memory_gb": peak,
                           "graph_capture_s": stats["graph_capture_seconds"]},
                 "transformers": {"tok_s": hf_tok_s, "weights": "random"}})
-    ember_row = rows[0]
-    _check_bar(ctx, name, ember_row[BARS[name][0]])
+    _check_bar(ctx, name, rows[0].get(BARS[name][0]))
 
 
 def _throughput(ctx, root, num_requests, min_len, max_len):
