@@ -272,22 +272,27 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     if cache_seqlens is None or isinstance(cache_seqlens, int):
         cached = capacity if cache_seqlens is None else check_positive_int(
             op, "cache_seqlens", cache_seqlens, allow_zero=True)
-        cached_host = torch.full((batch,), cached, dtype=torch.int64)
         seqlens = torch.full((batch,), cached, dtype=torch.int32, device=dev)
     else:
         check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(batch,),
                      device=dev, contiguous=True)
         seqlens = cache_seqlens
-        cached_host = cache_seqlens.cpu().long()  # one small copy for the bounds checks
-    if batch and int(cached_host.min()) < 0:
-        raise ValueError(f"{op}: cache_seqlens must be >= 0, got {int(cached_host.min())}")
-    totals = cached_host + num_new
-    if batch and int(totals.max()) > capacity:
+    # Every value check reduces on the device and comes back in ONE transfer: each read-back is
+    # a full device sync, and at decode sizes a few of them cost more than the kernel itself.
+    # Lengths the host already knows (an int or None) need no read-back of their own.
+    lengths = seqlens if torch.is_tensor(cache_seqlens) else None
+    faults = _block_table_faults(block_table, seqlens + num_new, block_size,
+                                 k_cache.shape[0]) if paged and batch else None
+    cached_min, cached_max, fault = _read_back(op, lengths, faults, cached if lengths is None
+                                               else None)
+    if batch and cached_min < 0:
+        raise ValueError(f"{op}: cache_seqlens must be >= 0, got {cached_min}")
+    if batch and cached_max + num_new > capacity:
         where = "max_blocks * block_size" if paged else "k_cache.shape[1]"
-        raise ValueError(f"{op}: cache_seqlens + new tokens ({int(totals.max())}) exceeds the "
+        raise ValueError(f"{op}: cache_seqlens + new tokens ({cached_max + num_new}) exceeds the "
                          f"cache capacity {where} = {capacity}")
-    if paged:
-        _check_block_table(op, block_table, totals, block_size, k_cache.shape[0])
+    if fault is not None:
+        _raise_block_table_fault(op, fault, k_cache.shape[0])
 
     scale, causal, left, right = _check_options(op, softmax_scale, causal, window_size, head_dim)
     check_positive_int(op, "num_splits", num_splits, allow_zero=True)
@@ -297,9 +302,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
                      shape=(batch, seqlen_q, seqlen_q), device=dev, contiguous=True)
         if causal:
             raise ValueError(f"{op}: tree_mask replaces the causal mask; pass causal=False")
-        if batch and int(totals.min()) < seqlen_q:
+        if batch and cached_min + num_new < seqlen_q:
             raise ValueError(f"{op}: tree_mask needs cache_seqlens + new tokens >= seqlen_q "
-                             f"({seqlen_q}) in every sequence, got {int(totals.min())}")
+                             f"({seqlen_q}) in every sequence, got {cached_min + num_new}")
 
     chosen = _choose_backend(op, op, backend, dev,
                              kernel_unsupported(q.dtype, head_dim, block_size if paged else None))
@@ -417,15 +422,33 @@ def _check_cu_seqlens(op, name, cu, total, max_seqlen, max_name):
 
 
 def _check_block_table(op, block_table, lengths, block_size, num_blocks):
-    """Block-table entries that sequences of ``lengths`` (host tensor, already known to fit in
-    a row) use must name real blocks; unused entries may hold anything."""
-    blocks_used = (lengths + block_size - 1) // block_size
-    columns = torch.arange(block_table.shape[1], device=block_table.device)
-    used = columns[None, :] < blocks_used.to(block_table.device)[:, None]
-    bad = used & ((block_table < 0) | (block_table >= num_blocks))
-    if bool(bad.any()):
-        b, i = bad.nonzero()[0].tolist()
-        raise ValueError(f"{op}: block_table[{b}, {i}] = {int(block_table[b, i])} is in use but "
+    """Block-table entries that sequences of ``lengths`` (already known to fit in a row) use
+    must name real blocks; unused entries may hold anything. One device->host transfer."""
+    fault = _block_table_faults(block_table, lengths, block_size, num_blocks).tolist()
+    _raise_block_table_fault(op, fault, num_blocks)
+
+
+def _block_table_faults(block_table, lengths, block_size, num_blocks):
+    """On block_table's device, without a sync: int64 ``[3]`` = (1 if some entry in use by a
+    sequence of ``lengths`` is not in ``[0, num_blocks)`` else 0, flat index of the first such
+    entry, its value). Rows of a negative length use no entry."""
+    dev = block_table.device
+    if block_table.numel() == 0:
+        return torch.zeros(3, dtype=torch.int64, device=dev)
+    blocks_used = (lengths.to(dev, torch.int64) + block_size - 1) // block_size
+    columns = torch.arange(block_table.shape[1], device=dev)
+    used = columns[None, :] < blocks_used[:, None]
+    bad = (used & ((block_table < 0) | (block_table >= num_blocks))).reshape(-1)
+    first = bad.to(torch.int32).argmax()  # argmax returns the first maximal index
+    return torch.stack((bad.any().long(), first, block_table.reshape(-1)[first].long()))
+
+
+def _raise_block_table_fault(op, fault, num_blocks):
+    """Raise for a ``_block_table_faults`` result read back as a list."""
+    any_bad, first, value = fault
+    if any_bad:
+        raise ValueError(f"{op}: block_table[{first // _block_table_width(op)}, "
+                         f"{first % _block_table_width(op)}] = {value} is in use but "
                          f"not a block index in [0, {num_blocks})")
 
 
