@@ -29,7 +29,8 @@
 //     end are zero-filled, never read.
 //   * fp8 caches: tiles arrive as bytes, are widened to q's type in registers into a 16-bit tile
 //     (exactly: every e4m3 value is a 16-bit value), and the scales are applied outside the
-//     loop: k_scale joins the softmax scale, v_scale the final normalisation.
+//     loop: k_scale joins the softmax scale, v_scale the final normalisation. In the decode
+//     layout each warp widens only the key rows it reads, so that needs no CTA barrier.
 //   * S = Q K^T and O += P V with mma.sync (f32 accumulate), online softmax in base 2, and the
 //     masks (sequence end, causal/window bounds around the bottom-right diagonal, tree mask over
 //     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
@@ -225,7 +226,7 @@ __device__ __forceinline__ void load_q_tile(uint32_t s_q, const DecodeParams& p,
 
 // Issues the copies of K/V tile `tile` (keys [tile * kBlockN, + kBlockN)) into one stage. 16-bit
 // caches land in swizzled tiles ready for ldmatrix; fp8 caches land as plain rows of head_dim
-// bytes, widened later by widen_tile. Keys at or past seqlen_k are zero-filled without a read,
+// bytes, widened later by widen_rows. Keys at or past seqlen_k are zero-filled without a read,
 // so their block_table entries are never looked up either.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
@@ -269,17 +270,18 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
   }
 }
 
-// fp8 only: widens a raw K or V tile (rows of head_dim bytes) into a swizzled 16-bit tile.
-template <class Cfg>
-__device__ __forceinline__ void widen_tile(unsigned char* dst, const unsigned char* raw,
-                                           int tid) {
+// fp8 only: widens rows [row0, row0 + kRows) of a raw K or V tile (rows of head_dim bytes) into
+// the same rows of a swizzled 16-bit tile, shared by kWorkers threads (worker = 0 ..).
+template <class Cfg, int kRows, int kWorkers>
+__device__ __forceinline__ void widen_rows(unsigned char* dst, const unsigned char* raw, int row0,
+                                           int worker) {
   using T = typename Cfg::T;
-  constexpr int kItems = Cfg::kBlockN * Cfg::kCopyChunks;
-  static_assert(kItems % Cfg::kThreads == 0, "fp8 tiles split evenly over the threads");
+  constexpr int kItems = kRows * Cfg::kCopyChunks;
+  static_assert(kItems % kWorkers == 0, "fp8 rows split evenly over the threads");
 #pragma unroll
-  for (int i = 0; i < kItems / Cfg::kThreads; ++i) {
-    const int idx = i * Cfg::kThreads + tid;
-    const int row = idx / Cfg::kCopyChunks;
+  for (int i = 0; i < kItems / kWorkers; ++i) {
+    const int idx = i * kWorkers + worker;
+    const int row = row0 + idx / Cfg::kCopyChunks;
     const int chunk = idx % Cfg::kCopyChunks;
     const uint4 x = *reinterpret_cast<const uint4*>(raw + row * Cfg::kHeadDim + chunk * 16);
     uint4 lo, hi;  // 16-bit chunks 2 * chunk and 2 * chunk + 1 of the row
@@ -535,9 +537,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       if constexpr (Cfg::kFp8) {
         unsigned char* raw = smem + (s_k - s_q);
         unsigned char* cvt = smem + (s_cvt - s_q);
-        widen_tile<Cfg>(cvt, raw, tid);
-        widen_tile<Cfg>(cvt + Cfg::kTileBytes, raw + Cfg::kRawTileBytes, tid);
-        __syncthreads();
+        if constexpr (Cfg::kWarpsN == kWarps) {
+          // Decode layout: a warp reads only its own kWarpKeys rows of K and of V (attend_tile's
+          // key16 row group), so it widens just those and a warp barrier orders them. Without
+          // a CTA barrier here (one of two per tile) a warp that widens overlaps the tensor-core
+          // work of the others. The rows it overwrites next tile are its own, read before the
+          // CTA barrier at the top of the loop.
+          const int row0 = warp_n * Cfg::kWarpKeys;
+          widen_rows<Cfg, Cfg::kWarpKeys, 32>(cvt, raw, row0, lane);
+          widen_rows<Cfg, Cfg::kWarpKeys, 32>(cvt + Cfg::kTileBytes, raw + Cfg::kRawTileBytes,
+                                              row0, lane);
+          __syncwarp();
+        } else {  // append layout: every warp reads every key of the tile
+          widen_rows<Cfg, kBN, Cfg::kThreads>(cvt, raw, 0, tid);
+          widen_rows<Cfg, kBN, Cfg::kThreads>(cvt + Cfg::kTileBytes, raw + Cfg::kRawTileBytes,
+                                              0, tid);
+          __syncthreads();
+        }
         s_k = s_cvt;
         s_v = s_cvt + Cfg::kTileBytes;
       }

@@ -34,26 +34,6 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// The running merge of one row: weights are kept relative to the largest lse seen so far, so
-// exp never overflows, and rescaled when it grows.
-template <int kPerLane>
-struct RowMerge {
-  float top = -INFINITY;  // largest lse so far
-  float sum = 0.f;        // sum of exp(lse_s - top)
-  float acc[kPerLane] = {};
-
-  __device__ __forceinline__ void add(float lse, const float (&o)[kPerLane]) {
-    if (lse == -INFINITY) return;  // empty state: no weight (and its o is not needed)
-    const float new_top = fmaxf(top, lse);
-    const float old_weight = __expf(top - new_top);  // 0 while top is still -inf
-    const float weight = __expf(lse - new_top);
-    sum = sum * old_weight + weight;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) acc[i] = acc[i] * old_weight + weight * o[i];
-    top = new_top;
-  }
-};
-
 // The kernel's two sources of states.
 struct SplitStates {  // float32 partials of the split-KV attention, one state per split
   StateRows<const float> first;
@@ -90,25 +70,64 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int pos = static_cast<int>(rest % positions);
   const int64_t b = rest / positions;
 
-  RowMerge<kPerLane> merge;
-  for (int s = 0; s < states.size(); ++s) {
-    const StateRows<const TIn> st = states.state(s);
-    const float lse = st.lse[b * st.lse_batch_stride + head * st.lse_head_stride + pos];
-    const TIn* o = st.o + b * st.o_batch_stride + pos * st.o_row_stride + head * st.o_head_stride;
-    float v[kPerLane];
+  // Each state's load is a round trip to L2 (the split partials were just written); a loop that
+  // waits for one state before asking for the next pays that latency once per state, which at
+  // 32 splits cost more than the whole K/V stream of a 4k-key decode. So the loads are issued
+  // in batches: first the lse of 32 states per warp load (lane l reads state s0 + l) for the
+  // common maximum, then kBatch states' rows at a time, all in flight together.
+  const int count = states.size();
+  float top = -INFINITY;
+  for (int s0 = 0; s0 < count; s0 += 32) {
+    const int s = s0 + lane;
+    if (s < count) {
+      const StateRows<const TIn> st = states.state(s);
+      top = fmaxf(top, st.lse[b * st.lse_batch_stride + head * st.lse_head_stride + pos]);
+    }
+  }
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) v[i] = to_float(o[lane + 32 * i]);
-    merge.add(lse, v);
+  for (int offset = 16; offset > 0; offset >>= 1)
+    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+
+  // About 32 row values per lane in flight per batch.
+  constexpr int kBatch = kPerLane >= 32 ? 1 : 32 / kPerLane;
+  float sum = 0.f;  // sum of exp(lse_s - top)
+  float acc[kPerLane] = {};
+  for (int s0 = 0; s0 < count; s0 += kBatch) {
+    float lse[kBatch];
+    float v[kBatch][kPerLane];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      lse[u] = -INFINITY;  // past the last state: no weight
+      if (s0 + u < count) {
+        const StateRows<const TIn> st = states.state(s0 + u);
+        lse[u] = st.lse[b * st.lse_batch_stride + head * st.lse_head_stride + pos];
+        const TIn* o =
+            st.o + b * st.o_batch_stride + pos * st.o_row_stride + head * st.o_head_stride;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) v[u][i] = to_float(o[lane + 32 * i]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      // An empty state (lse = -inf) weighs nothing and its o is not read into the sum (it may
+      // hold anything). top is finite whenever some state is not empty.
+      if (lse[u] != -INFINITY) {
+        const float weight = __expf(lse[u] - top);
+        sum += weight;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) acc[i] = fmaf(weight, v[u][i], acc[i]);
+      }
+    }
   }
 
-  const bool seen = merge.sum > 0.f;
-  const float inv = seen ? 1.f / merge.sum : 0.f;
+  const bool seen = sum > 0.f;
+  const float inv = seen ? 1.f / sum : 0.f;
   TOut* dst = out.o + b * out.o_batch_stride + pos * out.o_row_stride + head * out.o_head_stride;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) dst[lane + 32 * i] = from_float<TOut>(merge.acc[i] * inv);
+  for (int i = 0; i < kPerLane; ++i) dst[lane + 32 * i] = from_float<TOut>(acc[i] * inv);
   if (lane == 0) {
     out.lse[b * out.lse_batch_stride + head * out.lse_head_stride + pos] =
-        seen ? merge.top + __logf(merge.sum) : -INFINITY;
+        seen ? top + __logf(sum) : -INFINITY;
   }
 }
 

@@ -2,7 +2,6 @@
 ember and in transformers, loaded once per session."""
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -48,8 +47,3 @@ def tiny_with_tokenizer(tmp_path_factory, hf_smollm2):
     tokenizer.save_pretrained(folder)
     (folder / "generation_config.json").write_text('{"eos_token_id": [2, 0]}')
     return str(folder)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _quiet_tokenizers():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

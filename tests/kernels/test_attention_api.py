@@ -492,3 +492,39 @@ def test_torch_compile_fullgraph():
     out, lse = compiled(**args)
     want, want_lse = reference.flash_attn_func(**args, causal=True, return_lse=True)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kvcache_checks_sync_with_the_gpu_once(backend):
+    """Every value check of flash_attn_with_kvcache (cache_seqlens bounds, block-table entries in
+    use) comes back in one device->host transfer, and store_kvcache's slot check in one: each
+    transfer is a full sync, which at decode sizes costs more than the kernel (issue 4)."""
+    if backend not in ember.ops.available_backends("flash_attn_with_kvcache"):
+        pytest.skip(f"no {backend} backend")
+    dev = "cuda"
+    batch, block_size, heads_kv, d = 3, 16, 2, 64
+    k_cache = torch.randn(12, block_size, heads_kv, d, device=dev, dtype=F16)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(12, device=dev, dtype=torch.int32)[:batch * 4].view(batch, 4)
+    args = dict(q=torch.randn(batch, 1, 4, d, device=dev, dtype=F16), k_cache=k_cache,
+                v_cache=v_cache, k=torch.randn(batch, 1, heads_kv, d, device=dev, dtype=F16),
+                v=torch.randn(batch, 1, heads_kv, d, device=dev, dtype=F16),
+                cache_seqlens=torch.tensor([5, 17, 40], device=dev, dtype=torch.int32),
+                block_table=table, causal=True, backend=backend)
+    slots = torch.randperm(12 * block_size, device=dev)[:5]
+    new_k = torch.randn(5, heads_kv, d, device=dev, dtype=F16)
+    calls = (lambda: ember.ops.flash_attn_with_kvcache(**args),
+             lambda: ember.ops.store_kvcache(new_k, new_k.clone(), k_cache, v_cache, slots,
+                                             backend=backend))
+    for call in calls:
+        call()  # first calls may set things up (compilation, device properties)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with pytest.warns(UserWarning, match="synchroniz") as record:
+                call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in record if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -25,6 +25,20 @@ import torch
 PROGRAMS_PER_SM = 2
 # Beyond this many splits the workspace traffic and merge cost outgrow what extra programs win.
 MAX_AUTO_SPLITS = 128
+# Why about one wave and not more (H100, GQA 32:8, d = 128, bf16, issue 4). The CUDA decode
+# kernel fits 2 CTAs per SM (215 registers, 100.5 KB shared memory): 264 slots. One sequence
+# with 8 kv heads gets 32 splits = 256 CTAs (0.97 wave); at 32k keys each streams 16 tiles
+# (512 KB of K+V) with 2 tiles (64 KB) in flight, 128 KB per SM, while 3 TB/s at ~1 us of
+# latency needs only ~25 KB per SM in flight. More waves would add no bytes in flight, only a
+# prologue and an epilogue per CTA and partials: at 4 waves (128 splits, 4 tiles per CTA) the
+# partials grow to 2 x 128 x 32 x 128 x 4 B = 4 MB (3% of the 134 MB stream) and the fill and
+# drain of each CTA's pipeline would be paid over 4 tiles instead of 16. The measured batch-1
+# loss (a near-constant 20-30 us against 16 x 32k at the same 256 CTAs, 3 us at 1 split)
+# instead tracked the split count through the combine, which waited one L2 round trip per split
+# in turn (32 x ~0.5 us); merge_states.cu now keeps a batch of splits' loads in flight. Predicted
+# with the combine at ~2-3 us instead of ~15-20: 1 x 4k 28 -> ~11 us (~1.5 TB/s), 1 x 32k
+# 75 -> ~58 us (~2.3 TB/s), 1 x 128k 206 -> ~190 us (~2.8 TB/s). The split rule is unchanged,
+# so the Triton backend, which shares it, partitions identically.
 # Already this close to a full wave of programs without splitting: splitting cannot pay.
 FULL_ENOUGH = 0.8
 # Among split counts, take the smallest whose wave efficiency is this close to the best one

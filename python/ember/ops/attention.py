@@ -280,19 +280,28 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     # Every value check reduces on the device and comes back in ONE transfer: each read-back is
     # a full device sync, and at decode sizes a few of them cost more than the kernel itself.
     # Lengths the host already knows (an int or None) need no read-back of their own.
-    lengths = seqlens if torch.is_tensor(cache_seqlens) else None
-    faults = _block_table_faults(block_table, seqlens + num_new, block_size,
-                                 k_cache.shape[0]) if paged and batch else None
-    cached_min, cached_max, fault = _read_back(op, lengths, faults, cached if lengths is None
-                                               else None)
+    lengths_on_device = torch.is_tensor(cache_seqlens) and batch > 0
+    reductions = []
+    if lengths_on_device:
+        reductions.append(torch.stack(torch.aminmax(seqlens)).long())
+    if paged and batch:
+        reductions.append(_block_table_faults(block_table, seqlens + num_new, block_size,
+                                              k_cache.shape[0]))
+    values = torch.cat(reductions).tolist() if reductions else []
+    if lengths_on_device:
+        (cached_min, cached_max), values = values[:2], values[2:]
+    elif torch.is_tensor(cache_seqlens):  # batch 0: no lengths to check
+        cached_min = cached_max = 0
+    else:
+        cached_min = cached_max = cached
     if batch and cached_min < 0:
         raise ValueError(f"{op}: cache_seqlens must be >= 0, got {cached_min}")
     if batch and cached_max + num_new > capacity:
         where = "max_blocks * block_size" if paged else "k_cache.shape[1]"
         raise ValueError(f"{op}: cache_seqlens + new tokens ({cached_max + num_new}) exceeds the "
                          f"cache capacity {where} = {capacity}")
-    if fault is not None:
-        _raise_block_table_fault(op, fault, k_cache.shape[0])
+    if values:
+        _raise_block_table_fault(op, values, k_cache.shape[0])
 
     scale, causal, left, right = _check_options(op, softmax_scale, causal, window_size, head_dim)
     check_positive_int(op, "num_splits", num_splits, allow_zero=True)
@@ -429,26 +438,27 @@ def _check_block_table(op, block_table, lengths, block_size, num_blocks):
 
 
 def _block_table_faults(block_table, lengths, block_size, num_blocks):
-    """On block_table's device, without a sync: int64 ``[3]`` = (1 if some entry in use by a
-    sequence of ``lengths`` is not in ``[0, num_blocks)`` else 0, flat index of the first such
-    entry, its value). Rows of a negative length use no entry."""
+    """On block_table's device, without a sync: int64 ``[4]`` = (1 if some entry in use by a
+    sequence of ``lengths`` is not in ``[0, num_blocks)`` else 0, row and column of the first
+    such entry, its value). Rows of a negative length use no entry."""
     dev = block_table.device
     if block_table.numel() == 0:
-        return torch.zeros(3, dtype=torch.int64, device=dev)
+        return torch.zeros(4, dtype=torch.int64, device=dev)
     blocks_used = (lengths.to(dev, torch.int64) + block_size - 1) // block_size
     columns = torch.arange(block_table.shape[1], device=dev)
     used = columns[None, :] < blocks_used[:, None]
     bad = (used & ((block_table < 0) | (block_table >= num_blocks))).reshape(-1)
-    first = bad.to(torch.int32).argmax()  # argmax returns the first maximal index
-    return torch.stack((bad.any().long(), first, block_table.reshape(-1)[first].long()))
+    first = bad.to(torch.int32).argmax().reshape(1)  # argmax gives the first maximal index
+    width = block_table.shape[1]
+    value = block_table.reshape(-1).gather(0, first)  # gather: indexing by a tensor may sync
+    return torch.cat((bad.any().reshape(1).long(), first // width, first % width, value.long()))
 
 
 def _raise_block_table_fault(op, fault, num_blocks):
     """Raise for a ``_block_table_faults`` result read back as a list."""
-    any_bad, first, value = fault
+    any_bad, row, column, value = fault
     if any_bad:
-        raise ValueError(f"{op}: block_table[{first // _block_table_width(op)}, "
-                         f"{first % _block_table_width(op)}] = {value} is in use but "
+        raise ValueError(f"{op}: block_table[{row}, {column}] = {value} is in use but "
                          f"not a block index in [0, {num_blocks})")
 
 

@@ -59,13 +59,14 @@ def _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     for name, t in (("k", k), ("v", v)):
         if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             raise ValueError(f"{op}: {name} rows must be 16-byte aligned (strides multiple of 8)")
-    # Host-side bounds check of the slots: one small device->host copy, cheaper than a fault.
+    # Host-side bounds check of the slots: ONE small device->host copy (both ends together),
+    # cheaper than a fault.
     if num_tokens:
         capacity = k_cache.shape[0] * k_cache.shape[1]
-        lo, hi = torch.aminmax(slot_mapping)
-        if int(lo) < -1 or int(hi) >= capacity:
+        lo, hi = torch.stack(torch.aminmax(slot_mapping)).tolist()
+        if lo < -1 or hi >= capacity:
             raise ValueError(f"{op}: slot_mapping values must be -1 or in [0, {capacity}), "
-                             f"got range [{int(lo)}, {int(hi)}]")
+                             f"got range [{lo}, {hi}]")
 
 
 @torch.library.custom_op("ember::store_kvcache", mutates_args=("k_cache", "v_cache"))
