@@ -118,3 +118,13 @@ def check_softmax_scale(op: str, softmax_scale, head_dim: int) -> float:
     if not (scale > 0 and scale != float("inf")):
         raise ValueError(f"{op}: softmax_scale must be a finite positive number, got {softmax_scale}")
     return scale
+
+
+def values_readable(device: torch.device) -> bool:
+    """Whether checks that read tensor values back to the host may run now.
+
+    While a CUDA graph is being captured the values do not exist yet (and a read-back would
+    break the capture), so those checks are skipped there; the engine runs every captured
+    shape eagerly first, where they do run. Shape, dtype and layout checks always run.
+    """
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())

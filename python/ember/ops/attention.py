@@ -52,6 +52,7 @@ from ember.ops._validation import (
     check_softmax_scale,
     check_tensor,
     check_window,
+    values_readable,
 )
 from ember.ops.kvcache import FP8_CACHE_DTYPE
 
@@ -280,18 +281,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     # Every value check reduces on the device and comes back in ONE transfer: each read-back is
     # a full device sync, and at decode sizes a few of them cost more than the kernel itself.
     # Lengths the host already knows (an int or None) need no read-back of their own.
-    lengths_on_device = torch.is_tensor(cache_seqlens) and batch > 0
+    readable = values_readable(dev)
+    lengths_on_device = torch.is_tensor(cache_seqlens) and batch > 0 and readable
     reductions = []
     if lengths_on_device:
         reductions.append(torch.stack(torch.aminmax(seqlens)).long())
-    if paged and batch:
+    if paged and batch and readable:
         reductions.append(_block_table_faults(block_table, seqlens + num_new, block_size,
                                               k_cache.shape[0]))
     values = torch.cat(reductions).tolist() if reductions else []
     if lengths_on_device:
         (cached_min, cached_max), values = values[:2], values[2:]
-    elif torch.is_tensor(cache_seqlens):  # batch 0: no lengths to check
-        cached_min = cached_max = 0
+    elif torch.is_tensor(cache_seqlens):  # batch 0, or capturing: no lengths to check
+        cached_min, cached_max = seqlen_q, 0
     else:
         cached_min = cached_max = cached
     if batch and cached_min < 0:

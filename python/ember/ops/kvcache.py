@@ -3,7 +3,7 @@
 import torch
 
 from ember.ops import _ext, _registry, reference
-from ember.ops._validation import HALF_DTYPES, check_tensor
+from ember.ops._validation import HALF_DTYPES, check_tensor, values_readable
 
 FP8_CACHE_DTYPE = torch.float8_e4m3fn
 
@@ -61,7 +61,7 @@ def _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
             raise ValueError(f"{op}: {name} rows must be 16-byte aligned (strides multiple of 8)")
     # Host-side bounds check of the slots: ONE small device->host copy (both ends together),
     # cheaper than a fault.
-    if num_tokens:
+    if num_tokens and values_readable(dev):
         capacity = k_cache.shape[0] * k_cache.shape[1]
         lo, hi = torch.stack(torch.aminmax(slot_mapping)).tolist()
         if lo < -1 or hi >= capacity:
