@@ -171,8 +171,12 @@ def test_bf16_close_to_transformers_bf16(hf_smollm2):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cuda_graphs_match_eager(dtype):
     smollm2_folder()
-    eager = ember.LLM("smollm2-135m", dtype=dtype, device="cuda", enforce_eager=True)
-    graphs = ember.LLM("smollm2-135m", dtype=dtype, device="cuda", max_num_seqs=64)
+    # Two engines live at once: fixed KV pools, since the first would otherwise take the
+    # memory that gpu_memory_utilization leaves and the second would get none.
+    eager = ember.LLM("smollm2-135m", dtype=dtype, device="cuda", enforce_eager=True,
+                      num_kv_blocks=2048)
+    graphs = ember.LLM("smollm2-135m", dtype=dtype, device="cuda", max_num_seqs=64,
+                       num_kv_blocks=2048)
     stats = graphs.stats()
     assert 32 in stats["cuda_graph_batch_sizes"] and stats["graph_capture_seconds"] > 0
     params = ember.SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
