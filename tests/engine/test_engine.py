@@ -300,7 +300,10 @@ def test_cuda_graphs_match_eager_on_a_random_model(tmp_path, dtype):
               "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 512}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    args = dict(load_format="dummy", dtype=dtype, device="cuda", max_num_seqs=64, seed=3)
+    # Fixed KV pools: two engines live at once, and gpu_memory_utilization would hand the whole
+    # remainder of the GPU to the first.
+    args = dict(load_format="dummy", dtype=dtype, device="cuda", max_num_seqs=64, seed=3,
+                num_kv_blocks=512)
     eager = ember.LLM(str(tmp_path), enforce_eager=True, **args)
     graphs = ember.LLM(str(tmp_path), **args)
     assert 32 in graphs.stats()["cuda_graph_batch_sizes"]
