@@ -54,7 +54,8 @@ class CMakeBuild(build_ext):
             return
         if nvcc is None:
             if mode == "1":
-                raise RuntimeError("ember: EMBER_BUILD_CUDA=1 but nvcc was not found (PATH, CUDA_HOME)")
+                raise RuntimeError(
+                    "ember: EMBER_BUILD_CUDA=1 but nvcc was not found (PATH, CUDA_HOME)")
             print("ember: nvcc not found, skipping ember._C (Triton and torch backends only)")
             return
         for ext in self.extensions:

@@ -363,6 +363,7 @@ def source_digest() -> str:
 
 def environment() -> dict:
     import triton
+
     from ember.ops import _ext
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())

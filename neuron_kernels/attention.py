@@ -16,6 +16,7 @@ Per 512-key tile and item:
 """
 
 import torch
+
 from ember.neuron_kernels import host
 from ember.neuron_kernels.attention_core import MASKED, finish, new_state, scores, step
 from ember.neuron_kernels.nki_api import nisa, nki, nl

@@ -15,6 +15,7 @@ clipped to ``[0, M]`` and made non-decreasing.
 """
 
 import torch
+
 from ember.neuron_kernels import host
 from ember.neuron_kernels.matmul import accumulate, weight_columns
 from ember.neuron_kernels.nki_api import nisa, nki, nl

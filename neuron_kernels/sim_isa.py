@@ -11,6 +11,7 @@ import enum
 import math
 
 import numpy as np
+
 from ember.neuron_kernels import sim_language as nl
 from ember.neuron_kernels import simulator as sim
 from ember.neuron_kernels.simulator import (  # noqa: F401  (nki.isa.NkiValidationError)

@@ -7,6 +7,7 @@ functions (``nl.exp(x)``, ``nl.matmul``...) are not part of that subset.
 from dataclasses import dataclass
 
 import numpy as np
+
 from ember.neuron_kernels import simulator as _sim
 from ember.neuron_kernels.simulator import (  # noqa: F401  (re-exported names of nki.language)
     bfloat16,

@@ -36,3 +36,25 @@ def _seed(request):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float tensor allocated through torch.empty starts as NaN, so an output element (or
+    split workspace entry) a kernel fails to write shows up as NaN in the result."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models' ops take microseconds: a thread pool only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

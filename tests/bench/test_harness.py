@@ -11,9 +11,9 @@ import re
 
 import pytest
 import torch
-from ember.ops import reference
 
 from bench import anchors, harness
+from ember.ops import reference
 
 pytestmark = pytest.mark.cuda
 

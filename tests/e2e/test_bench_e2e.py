@@ -10,11 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the bench package
 import ember  # noqa: E402
+from bench.e2e.shapes import SHAPES, config_dict, hf_config, write_config_folder  # noqa: E402
 from ember.engine import benchmark  # noqa: E402
 from ember.models.config import ModelConfig  # noqa: E402
 from ember.models.llama import LlamaForCausalLM  # noqa: E402
-
-from bench.e2e.shapes import SHAPES, config_dict, hf_config, write_config_folder  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

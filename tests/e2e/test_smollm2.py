@@ -7,12 +7,13 @@ CUDA graphs identical to eager.
 
 import copy
 
-import ember
 import pytest
 import torch
+from smollm2_files import smollm2_folder
+
+import ember
 from ember.models.attention import AttentionMetadata
 from ember.models.loader import Checkpoint, load_model
-from smollm2_files import smollm2_folder
 
 PROMPTS = [
     "The capital of France is",

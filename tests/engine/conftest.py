@@ -4,20 +4,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-import ember  # noqa: E402
 from tiny_checkpoints import save_tiny_checkpoint  # noqa: E402
+
+import ember  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny model's ops are microseconds long: a thread pool only adds synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_threaded(one_thread):
+    """Every engine test runs the tiny model on one thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,12 @@
 """BlockManager: allocation, reference counts, prefix caching and LRU eviction."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ember.engine.block_manager import BlockManager, chain_hash
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.sequence import Sequence
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def make_seq(tokens, request_id="r"):

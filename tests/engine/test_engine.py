@@ -3,12 +3,13 @@ on batching, chunking, prefix caching or preemption; requests are never dropped.
 
 import json
 
-import ember
 import pytest
 import torch
-from ember import SamplingParams
 from tiny_checkpoints import TINY_VOCAB as VOCAB
 from tiny_checkpoints import hf_greedy, random_prompts
+
+import ember
+from ember import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 

@@ -3,6 +3,7 @@ seeds into ``ember.ops.sample``), checked statistically against the filtered dis
 
 import pytest
 import torch
+
 from ember.engine.sampler import Sampler
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.sequence import Sequence

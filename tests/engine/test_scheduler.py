@@ -7,13 +7,14 @@ prefix, or a slot never written, is caught exactly as wrong attention would be.
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_block_manager import check_invariants
+
 from ember.engine.block_manager import BlockManager
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence, SequenceStatus
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_block_manager import check_invariants
 
 
 class Simulation:

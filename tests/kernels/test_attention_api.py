@@ -7,9 +7,10 @@ tests/reference/test_attention_reference.py.
 
 import os
 
-import ember
 import pytest
 import torch
+
+import ember
 from ember.ops import _registry, reference
 
 F16 = torch.float16

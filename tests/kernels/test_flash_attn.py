@@ -35,19 +35,6 @@ def _skip_unimplemented(op, backend):
         pytest.skip(f"{op} has no {backend} backend")
 
 
-@pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """Every float tensor allocated through torch.empty starts as NaN, so an output element a
-    kernel fails to write shows up as NaN."""
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-
-
 def projections(lead, len_q, len_k, heads_q, heads_kv, head_dim, dtype, device,
                 contiguous=False):
     """q ``[*lead, len_q, hq, d]`` and k/v ``[*lead, len_k, hkv, d]`` sliced out of fused QKV

@@ -2,9 +2,10 @@
 custom-op registration (fake implementations checked by torch.library.opcheck) and clear
 errors on bad input."""
 
-import ember
 import pytest
 import torch
+
+import ember
 from ember.ops import reference
 
 

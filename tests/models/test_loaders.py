@@ -5,29 +5,24 @@ inputs."""
 import importlib.util
 import json
 
-import ember
 import numpy as np
 import pytest
 import torch
-from ember.models import gguf_file, loader
-from ember.models.config import ModelConfig
-from ember.models.gguf_file import unpermute_rope_rows
-from ember.models.rope import inverse_frequencies
 from tiny_checkpoints import ARCHITECTURES, hf_greedy, random_prompts, save_tiny_checkpoint
 from tiny_checkpoints import TINY_VOCAB as VOCAB
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+import ember
+from ember.models import gguf_file, loader
+from ember.models.config import ModelConfig
+from ember.models.gguf_file import unpermute_rope_rows
+from ember.models.rope import inverse_frequencies
+
 GREEDY = ember.SamplingParams(temperature=0.0, max_tokens=24)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread-pool synchronisation costs more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+
 from ember.ops import reference
 
 FP8 = torch.float8_e4m3fn

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
-from ember.ops import reference
 from helpers import assert_within_lowp_error
+
+from ember.ops import reference
 
 LOWP = [torch.float16, torch.bfloat16]
 

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from ember.ops import reference
 
 try:

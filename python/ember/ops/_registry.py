@@ -28,7 +28,8 @@ def register(op: str, **impls: Callable | str) -> None:
     """Register implementations of ``op``: ``register("rms_norm", torch=fn, triton="m:f")``."""
     for backend, impl in impls.items():
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} for op {op!r}; expected one of {BACKENDS}")
+            raise ValueError(f"unknown backend {backend!r} for op {op!r}; "
+                             f"expected one of {BACKENDS}")
         _IMPLS.setdefault(op, {})[backend] = impl
 
 

@@ -116,7 +116,8 @@ def check_softmax_scale(op: str, softmax_scale, head_dim: int) -> float:
         return head_dim ** -0.5
     scale = float(softmax_scale)
     if not (scale > 0 and scale != float("inf")):
-        raise ValueError(f"{op}: softmax_scale must be a finite positive number, got {softmax_scale}")
+        raise ValueError(f"{op}: softmax_scale must be a finite positive number, "
+                         f"got {softmax_scale}")
     return scale
 
 

@@ -3,7 +3,12 @@
 import torch
 
 from ember.ops import _ext, _registry, reference
-from ember.ops._validation import HALF_DTYPES, check_tensor, values_readable
+from ember.ops._validation import (
+    HALF_DTYPES,
+    check_fp8_scales,
+    check_tensor,
+    values_readable,
+)
 
 FP8_CACHE_DTYPE = torch.float8_e4m3fn
 
@@ -46,15 +51,7 @@ def _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
                  last_dim_contiguous=True)
     check_tensor(op, "slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(num_tokens,),
                  device=dev)
-    if k_cache.dtype == FP8_CACHE_DTYPE:
-        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if scale is None:
-                raise ValueError(f"{op}: {name} is required for a float8_e4m3fn cache")
-            check_tensor(op, name, scale, dtypes=(torch.float32,), device=dev)
-            if scale.numel() != 1:
-                raise ValueError(f"{op}: {name} must hold one value, got shape {tuple(scale.shape)}")
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError(f"{op}: k_scale/v_scale are only valid with a float8_e4m3fn cache")
+    check_fp8_scales(op, k_cache, k_scale, v_scale)
     # Vector loads need 16-byte aligned rows.
     for name, t in (("k", k), ("v", v)):
         if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
