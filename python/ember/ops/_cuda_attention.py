@@ -9,10 +9,7 @@ the current stream of the inputs' device. Both functions return ``(out, lse)``.
 import torch
 
 from ember.ops import _ext
-
-# The kernel copies 16-byte chunks with cp.async: every row (batch, token and head stride) must
-# start on a 16-byte boundary, i.e. strides in multiples of 8 fp16/bf16 elements.
-_ALIGN_ELEMS = 8
+from ember.ops._validation import with_16b_aligned_rows
 
 
 def flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int):
@@ -25,7 +22,7 @@ def flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, wi
     """
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    q, k, v = with_16b_aligned_rows(q), with_16b_aligned_rows(k), with_16b_aligned_rows(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     left, right = _window(window_left, window_right, seqlen_q, seqlen_k)
@@ -49,7 +46,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     total_q, heads_q, head_dim = q.shape
     total_k, heads_kv = k.shape[0], k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    q, k, v = with_16b_aligned_rows(q), with_16b_aligned_rows(k), with_16b_aligned_rows(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
     # Window bounds as wide as the packed tensors are as good as none.
@@ -74,15 +71,6 @@ def _window(left, right, seqlen_q, seqlen_k):
     if right >= seqlen_q:
         right = -1
     return left, right
-
-
-def _aligned(t):
-    """``t`` itself when its rows suit 16-byte copies, else a contiguous copy (rare: odd views)."""
-    # Strides of size-1 dims never reach an address.
-    strides = [s for s, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1]
-    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-          and all(s % _ALIGN_ELEMS == 0 for s in strides))
-    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, batch, heads_q, heads_kv,

@@ -15,19 +15,7 @@ import torch
 
 from ember.ops import _ext
 from ember.ops._split_kv import plan_splits, sm_count
-
-
-def _rows_16b_aligned(t: torch.Tensor) -> bool:
-    """Every row (last axis) of ``t`` starts on a 16-byte boundary: the kernels copy 16-byte
-    vectors."""
-    elems = 16 // t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s % elems == 0 for s in t.stride()[:-1])
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    # Layouts from a model or an engine are aligned (head dims are multiples of 16 elements);
-    # anything else gets a contiguous copy rather than a misaligned vector access.
-    return t if _rows_16b_aligned(t) else t.contiguous()
+from ember.ops._validation import with_16b_aligned_rows
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
@@ -63,7 +51,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
                          num_splits=num_splits,
                          m_blocks=math.ceil(packed_rows / block_m)).num_splits
 
-    q, k_cache, v_cache = _aligned(q), _aligned(k_cache), _aligned(v_cache)
+    q, k_cache, v_cache = (with_16b_aligned_rows(t) for t in (q, k_cache, v_cache))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
     out_part = lse_part = None

@@ -129,3 +129,19 @@ def values_readable(device: torch.device) -> bool:
     shape eagerly first, where they do run. Shape, dtype and layout checks always run.
     """
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def rows_16b_aligned(t: torch.Tensor) -> bool:
+    """Every row (last axis, contiguous) of ``t`` starts on a 16-byte boundary, as the CUDA
+    kernels' 16-byte vector copies need. Strides of size-1 dims never reach an address."""
+    elems = 16 // t.element_size()
+    strides = [s for s, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1]
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s % elems == 0 for s in strides))
+
+
+def with_16b_aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when :func:`rows_16b_aligned`, else a contiguous copy. Layouts from a model
+    or the engine are aligned (head dims are multiples of 8 elements); odd views pay a copy
+    rather than a misaligned vector access."""
+    return t if rows_16b_aligned(t) else t.contiguous()

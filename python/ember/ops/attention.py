@@ -53,6 +53,7 @@ from ember.ops._validation import (
     check_tensor,
     check_window,
     values_readable,
+    with_16b_aligned_rows,
 )
 from ember.ops.kvcache import FP8_CACHE_DTYPE
 
@@ -489,11 +490,8 @@ def _append_new_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, 
 
 def _token_rows(t):
     """``[b, sn, h, d]`` -> ``[b * sn, h, d]`` rows as store_kvcache takes them."""
-    rows = t.reshape(-1, t.shape[2], t.shape[3])
     # store_kvcache's CUDA kernel moves 16-byte vectors: realign rows that are not.
-    if rows.data_ptr() % 16 or any(s % 8 for s in rows.stride()[:-1]):
-        rows = rows.clone(memory_format=torch.contiguous_format)
-    return rows
+    return with_16b_aligned_rows(t.reshape(-1, t.shape[2], t.shape[3]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from ember.ops._validation import (
     HALF_DTYPES,
     check_fp8_scales,
     check_tensor,
+    rows_16b_aligned,
     values_readable,
 )
 
@@ -54,7 +55,7 @@ def _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     check_fp8_scales(op, k_cache, k_scale, v_scale)
     # Vector loads need 16-byte aligned rows.
     for name, t in (("k", k), ("v", v)):
-        if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+        if not rows_16b_aligned(t):
             raise ValueError(f"{op}: {name} rows must be 16-byte aligned (strides multiple of 8)")
     # Host-side bounds check of the slots: ONE small device->host copy (both ends together),
     # cheaper than a fault.
