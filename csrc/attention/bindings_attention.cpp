@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "common/binding_args.h"
 #include "attention/flash_fwd.h"
 
 namespace py = pybind11;
@@ -19,13 +20,13 @@ void bind_attention(py::module_& m) {
          py::tuple out_strides, py::tuple lse_strides, double softmax_scale, int window_left,
          int window_right, int dtype, intptr_t stream) {
         FlashFwdParams p{};
-        p.q = reinterpret_cast<const void*>(q);
-        p.k = reinterpret_cast<const void*>(k);
-        p.v = reinterpret_cast<const void*>(v);
-        p.out = reinterpret_cast<void*>(out);
-        p.lse = reinterpret_cast<float*>(lse);
-        p.cu_seqlens_q = reinterpret_cast<const int*>(cu_seqlens_q);
-        p.cu_seqlens_k = reinterpret_cast<const int*>(cu_seqlens_k);
+        p.q = ptr_arg<const void>(q);
+        p.k = ptr_arg<const void>(k);
+        p.v = ptr_arg<const void>(v);
+        p.out = ptr_arg<void>(out);
+        p.lse = ptr_arg<float>(lse);
+        p.cu_seqlens_q = ptr_arg<const int>(cu_seqlens_q);
+        p.cu_seqlens_k = ptr_arg<const int>(cu_seqlens_k);
         p.batch = batch;
         p.heads_q = heads_q;
         p.heads_kv = heads_kv;
@@ -33,20 +34,20 @@ void bind_attention(py::module_& m) {
         p.seqlen_k = seqlen_k;
         p.head_dim = head_dim;
         // (batch, row, head) strides in elements; batch strides are 0 in varlen mode.
-        p.q_batch_stride = q_strides[0].cast<int64_t>();
-        p.q_row_stride = q_strides[1].cast<int64_t>();
-        p.q_head_stride = q_strides[2].cast<int64_t>();
-        p.k_batch_stride = k_strides[0].cast<int64_t>();
-        p.k_row_stride = k_strides[1].cast<int64_t>();
-        p.k_head_stride = k_strides[2].cast<int64_t>();
-        p.v_batch_stride = v_strides[0].cast<int64_t>();
-        p.v_row_stride = v_strides[1].cast<int64_t>();
-        p.v_head_stride = v_strides[2].cast<int64_t>();
-        p.o_batch_stride = out_strides[0].cast<int64_t>();
-        p.o_row_stride = out_strides[1].cast<int64_t>();
-        p.o_head_stride = out_strides[2].cast<int64_t>();
-        p.lse_batch_stride = lse_strides[0].cast<int64_t>();
-        p.lse_head_stride = lse_strides[1].cast<int64_t>();
+        p.q_batch_stride = stride_arg(q_strides, 0);
+        p.q_row_stride = stride_arg(q_strides, 1);
+        p.q_head_stride = stride_arg(q_strides, 2);
+        p.k_batch_stride = stride_arg(k_strides, 0);
+        p.k_row_stride = stride_arg(k_strides, 1);
+        p.k_head_stride = stride_arg(k_strides, 2);
+        p.v_batch_stride = stride_arg(v_strides, 0);
+        p.v_row_stride = stride_arg(v_strides, 1);
+        p.v_head_stride = stride_arg(v_strides, 2);
+        p.o_batch_stride = stride_arg(out_strides, 0);
+        p.o_row_stride = stride_arg(out_strides, 1);
+        p.o_head_stride = stride_arg(out_strides, 2);
+        p.lse_batch_stride = stride_arg(lse_strides, 0);
+        p.lse_head_stride = stride_arg(lse_strides, 1);
         p.softmax_scale = static_cast<float>(softmax_scale);
         p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
         p.window_left = window_left;

@@ -31,11 +31,6 @@ inline cudaStream_t as_stream(std::intptr_t stream) {
   return reinterpret_cast<cudaStream_t>(stream);
 }
 
-template <typename T>
-inline T* as_ptr(std::intptr_t ptr) {
-  return reinterpret_cast<T*>(ptr);
-}
-
 [[noreturn]] inline void unsupported_dtype(const char* op, int code) {
   throw std::invalid_argument(std::string("ember: ") + op + ": unsupported dtype code " +
                               std::to_string(code));

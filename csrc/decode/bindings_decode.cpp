@@ -1,23 +1,13 @@
 // Python bindings of the decode family (see csrc/bindings.cpp for the conventions).
 #include <pybind11/pybind11.h>
 
+#include "common/binding_args.h"
 #include "decode/decode_attention.h"
 
 namespace py = pybind11;
 using std::intptr_t;
 
 namespace ember {
-
-namespace {
-
-template <typename T>
-const T* cptr(intptr_t p) {
-  return reinterpret_cast<const T*>(p);
-}
-
-int64_t at(const py::tuple& t, int i) { return t[i].cast<int64_t>(); }
-
-}  // namespace
 
 void bind_decode(py::module_& m) {
   m.def(
@@ -39,18 +29,18 @@ void bind_decode(py::module_& m) {
          py::tuple part_strides, py::tuple lse_part_strides, double softmax_scale,
          int window_left, int window_right, int dtype, int cache_dtype, intptr_t stream) {
         DecodeParams p{};
-        p.q = cptr<void>(q);
-        p.k_cache = cptr<void>(k_cache);
-        p.v_cache = cptr<void>(v_cache);
-        p.seqlens_k = cptr<int>(seqlens_k);
-        p.block_table = cptr<int>(block_table);
-        p.tree_mask = cptr<uint8_t>(tree_mask);
-        p.k_scale = cptr<float>(k_scale);
-        p.v_scale = cptr<float>(v_scale);
-        p.out = reinterpret_cast<void*>(out);
-        p.lse = reinterpret_cast<float*>(lse);
-        p.out_part = reinterpret_cast<float*>(out_part);
-        p.lse_part = reinterpret_cast<float*>(lse_part);
+        p.q = ptr_arg<const void>(q);
+        p.k_cache = ptr_arg<const void>(k_cache);
+        p.v_cache = ptr_arg<const void>(v_cache);
+        p.seqlens_k = ptr_arg<const int>(seqlens_k);
+        p.block_table = ptr_arg<const int>(block_table);
+        p.tree_mask = ptr_arg<const uint8_t>(tree_mask);
+        p.k_scale = ptr_arg<const float>(k_scale);
+        p.v_scale = ptr_arg<const float>(v_scale);
+        p.out = ptr_arg<void>(out);
+        p.lse = ptr_arg<float>(lse);
+        p.out_part = ptr_arg<float>(out_part);
+        p.lse_part = ptr_arg<float>(lse_part);
         p.batch = batch;
         p.seqlen_q = seqlen_q;
         p.heads_q = heads_q;
@@ -60,28 +50,28 @@ void bind_decode(py::module_& m) {
         set_page_size(p, page_size);
         p.max_blocks = max_blocks;
         // (batch, row, head) strides in elements; for a paged cache, (block, slot, head).
-        p.q_batch_stride = at(q_strides, 0);
-        p.q_row_stride = at(q_strides, 1);
-        p.q_head_stride = at(q_strides, 2);
-        p.k_batch_stride = at(k_strides, 0);
-        p.k_row_stride = at(k_strides, 1);
-        p.k_head_stride = at(k_strides, 2);
-        p.v_batch_stride = at(v_strides, 0);
-        p.v_row_stride = at(v_strides, 1);
-        p.v_head_stride = at(v_strides, 2);
-        p.o_batch_stride = at(out_strides, 0);
-        p.o_row_stride = at(out_strides, 1);
-        p.o_head_stride = at(out_strides, 2);
-        p.lse_batch_stride = at(lse_strides, 0);
-        p.lse_head_stride = at(lse_strides, 1);
+        p.q_batch_stride = stride_arg(q_strides, 0);
+        p.q_row_stride = stride_arg(q_strides, 1);
+        p.q_head_stride = stride_arg(q_strides, 2);
+        p.k_batch_stride = stride_arg(k_strides, 0);
+        p.k_row_stride = stride_arg(k_strides, 1);
+        p.k_head_stride = stride_arg(k_strides, 2);
+        p.v_batch_stride = stride_arg(v_strides, 0);
+        p.v_row_stride = stride_arg(v_strides, 1);
+        p.v_head_stride = stride_arg(v_strides, 2);
+        p.o_batch_stride = stride_arg(out_strides, 0);
+        p.o_row_stride = stride_arg(out_strides, 1);
+        p.o_head_stride = stride_arg(out_strides, 2);
+        p.lse_batch_stride = stride_arg(lse_strides, 0);
+        p.lse_head_stride = stride_arg(lse_strides, 1);
         // (split, batch, row, head) and (split, batch, head); ignored with one split.
-        p.part_split_stride = at(part_strides, 0);
-        p.part_batch_stride = at(part_strides, 1);
-        p.part_row_stride = at(part_strides, 2);
-        p.part_head_stride = at(part_strides, 3);
-        p.lse_part_split_stride = at(lse_part_strides, 0);
-        p.lse_part_batch_stride = at(lse_part_strides, 1);
-        p.lse_part_head_stride = at(lse_part_strides, 2);
+        p.part_split_stride = stride_arg(part_strides, 0);
+        p.part_batch_stride = stride_arg(part_strides, 1);
+        p.part_row_stride = stride_arg(part_strides, 2);
+        p.part_head_stride = stride_arg(part_strides, 3);
+        p.lse_part_split_stride = stride_arg(lse_part_strides, 0);
+        p.lse_part_batch_stride = stride_arg(lse_part_strides, 1);
+        p.lse_part_head_stride = stride_arg(lse_part_strides, 2);
         p.softmax_scale = static_cast<float>(softmax_scale);
         p.window_left = window_left;
         p.window_right = window_right;
@@ -97,12 +87,12 @@ void bind_decode(py::module_& m) {
          py::tuple b_strides, py::tuple out_strides, int64_t lse_a_head_stride,
          int64_t lse_b_head_stride, int64_t lse_head_stride, int dtype, intptr_t stream) {
         // [tokens, heads, d] rows with (token, head) strides; lse [heads, tokens]. One "batch".
-        const StateRows<const void> a{cptr<void>(out_a), cptr<float>(lse_a), 0, at(a_strides, 0),
-                                      at(a_strides, 1), 0, lse_a_head_stride};
-        const StateRows<const void> b{cptr<void>(out_b), cptr<float>(lse_b), 0, at(b_strides, 0),
-                                      at(b_strides, 1), 0, lse_b_head_stride};
-        const StateRows<void> o{reinterpret_cast<void*>(out), reinterpret_cast<float*>(lse), 0,
-                                at(out_strides, 0), at(out_strides, 1), 0, lse_head_stride};
+        const StateRows<const void> a{ptr_arg<const void>(out_a), ptr_arg<const float>(lse_a), 0, stride_arg(a_strides, 0),
+                                      stride_arg(a_strides, 1), 0, lse_a_head_stride};
+        const StateRows<const void> b{ptr_arg<const void>(out_b), ptr_arg<const float>(lse_b), 0, stride_arg(b_strides, 0),
+                                      stride_arg(b_strides, 1), 0, lse_b_head_stride};
+        const StateRows<void> o{ptr_arg<void>(out), ptr_arg<float>(lse), 0,
+                                stride_arg(out_strides, 0), stride_arg(out_strides, 1), 0, lse_head_stride};
         merge_attn_states(a, b, o, 1, tokens, heads, head_dim, dtype, stream);
       },
       "Merge two attention states by their LSE (raw pointers; use ember.ops.merge_attn_states)");

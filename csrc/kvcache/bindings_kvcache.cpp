@@ -1,6 +1,7 @@
 // Python bindings of the kvcache family (see csrc/bindings.cpp for the conventions).
 #include <pybind11/pybind11.h>
 
+#include "common/binding_args.h"
 #include "kvcache/store_kvcache.h"
 
 namespace py = pybind11;
@@ -17,27 +18,27 @@ void bind_kvcache(py::module_& m) {
          py::tuple kc_strides, py::tuple vc_strides, int input_dtype, int cache_dtype,
          intptr_t stream) {
         StoreKVCacheParams p{};
-        p.k = reinterpret_cast<const void*>(k);
-        p.v = reinterpret_cast<const void*>(v);
-        p.k_cache = reinterpret_cast<void*>(k_cache);
-        p.v_cache = reinterpret_cast<void*>(v_cache);
-        p.slot_mapping = reinterpret_cast<const int64_t*>(slot_mapping);
-        p.k_scale = reinterpret_cast<const float*>(k_scale);
-        p.v_scale = reinterpret_cast<const float*>(v_scale);
+        p.k = ptr_arg<const void>(k);
+        p.v = ptr_arg<const void>(v);
+        p.k_cache = ptr_arg<void>(k_cache);
+        p.v_cache = ptr_arg<void>(v_cache);
+        p.slot_mapping = ptr_arg<const int64_t>(slot_mapping);
+        p.k_scale = ptr_arg<const float>(k_scale);
+        p.v_scale = ptr_arg<const float>(v_scale);
         p.num_tokens = num_tokens;
         p.num_heads = num_heads;
         p.head_dim = head_dim;
         p.block_size = block_size;
-        p.k_stride_token = k_strides[0].cast<int64_t>();
-        p.k_stride_head = k_strides[1].cast<int64_t>();
-        p.v_stride_token = v_strides[0].cast<int64_t>();
-        p.v_stride_head = v_strides[1].cast<int64_t>();
-        p.kc_stride_block = kc_strides[0].cast<int64_t>();
-        p.kc_stride_slot = kc_strides[1].cast<int64_t>();
-        p.kc_stride_head = kc_strides[2].cast<int64_t>();
-        p.vc_stride_block = vc_strides[0].cast<int64_t>();
-        p.vc_stride_slot = vc_strides[1].cast<int64_t>();
-        p.vc_stride_head = vc_strides[2].cast<int64_t>();
+        p.k_stride_token = stride_arg(k_strides, 0);
+        p.k_stride_head = stride_arg(k_strides, 1);
+        p.v_stride_token = stride_arg(v_strides, 0);
+        p.v_stride_head = stride_arg(v_strides, 1);
+        p.kc_stride_block = stride_arg(kc_strides, 0);
+        p.kc_stride_slot = stride_arg(kc_strides, 1);
+        p.kc_stride_head = stride_arg(kc_strides, 2);
+        p.vc_stride_block = stride_arg(vc_strides, 0);
+        p.vc_stride_slot = stride_arg(vc_strides, 1);
+        p.vc_stride_head = stride_arg(vc_strides, 2);
         store_kvcache(p, input_dtype, cache_dtype, stream);
       },
       "Scatter K/V rows into a paged cache (raw pointers; use ember.ops.store_kvcache)");
