@@ -10,6 +10,9 @@ namespace ember {
 void bind_kvcache(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_decode(pybind11::module_& m);
+void bind_norm(pybind11::module_& m);
+void bind_rotary(pybind11::module_& m);
+void bind_activation(pybind11::module_& m);
 }  // namespace ember
 
 PYBIND11_MODULE(_C, m) {
@@ -17,4 +20,7 @@ PYBIND11_MODULE(_C, m) {
   ember::bind_kvcache(m);
   ember::bind_attention(m);
   ember::bind_decode(m);
+  ember::bind_norm(m);
+  ember::bind_rotary(m);
+  ember::bind_activation(m);
 }

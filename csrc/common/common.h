@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace ember {
 
@@ -27,6 +28,16 @@ inline void check_launch(const char* kernel_name) {
   check_cuda(cudaGetLastError(), kernel_name);
 }
 
+// A grid dimension of `count` blocks; CUDA's x dimension holds at most 2^31 - 1, and a silent
+// truncation would skip work.
+inline unsigned grid_x(int64_t count, const char* op) {
+  if (count > 0x7fffffff) {
+    throw std::invalid_argument(std::string("ember: ") + op + ": " + std::to_string(count) +
+                                " blocks exceed the grid limit of 2^31 - 1");
+  }
+  return static_cast<unsigned>(count);
+}
+
 inline cudaStream_t as_stream(std::intptr_t stream) {
   return reinterpret_cast<cudaStream_t>(stream);
 }
@@ -34,6 +45,17 @@ inline cudaStream_t as_stream(std::intptr_t stream) {
 [[noreturn]] inline void unsupported_dtype(const char* op, int code) {
   throw std::invalid_argument(std::string("ember: ") + op + ": unsupported dtype code " +
                               std::to_string(code));
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): turns a runtime flag into a template
+// argument (`decltype(flag)::value` inside f), so that each kernel variant is compiled apart.
+template <typename F>
+inline void dispatch_bool(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 }  // namespace ember
@@ -53,4 +75,14 @@ inline cudaStream_t as_stream(std::intptr_t stream) {
       default:                                                           \
         ::ember::unsupported_dtype(OP_NAME, CODE);                       \
     }                                                                    \
+  }()
+
+// Expands BODY with `scalar_t` bound to float or to the 16-bit float type of CODE.
+#define EMBER_DISPATCH_FLOAT_TYPES(CODE, OP_NAME, ...)                   \
+  [&] {                                                                  \
+    if (static_cast<::ember::DType>(CODE) == ::ember::DType::kFloat32) { \
+      using scalar_t = float;                                            \
+      return __VA_ARGS__();                                              \
+    }                                                                    \
+    return EMBER_DISPATCH_HALF_TYPES(CODE, OP_NAME, __VA_ARGS__);        \
   }()

@@ -23,8 +23,8 @@ void bind_decode(py::module_& m) {
       "flash_attn_with_kvcache",
       [](intptr_t q, intptr_t k_cache, intptr_t v_cache, intptr_t seqlens_k, intptr_t block_table,
          intptr_t tree_mask, intptr_t k_scale, intptr_t v_scale, intptr_t out, intptr_t lse,
-         intptr_t out_part, intptr_t lse_part, int batch, int seqlen_q, int heads_q, int heads_kv,
-         int head_dim, int num_splits, int page_size, int max_blocks, py::tuple q_strides,
+         intptr_t out_part, intptr_t lse_part, intptr_t split_counters, int batch, int seqlen_q,
+         int heads_q, int heads_kv, int head_dim, int num_splits, int page_size, int max_blocks, py::tuple q_strides,
          py::tuple k_strides, py::tuple v_strides, py::tuple out_strides, py::tuple lse_strides,
          py::tuple part_strides, py::tuple lse_part_strides, double softmax_scale,
          int window_left, int window_right, int dtype, int cache_dtype, intptr_t stream) {
@@ -41,6 +41,7 @@ void bind_decode(py::module_& m) {
         p.lse = ptr_arg<float>(lse);
         p.out_part = ptr_arg<float>(out_part);
         p.lse_part = ptr_arg<float>(lse_part);
+        p.split_counters = ptr_arg<int>(split_counters);
         p.batch = batch;
         p.seqlen_q = seqlen_q;
         p.heads_q = heads_q;

@@ -1,5 +1,4 @@
-// flash_attn_with_kvcache: checks the launch-level arguments, dispatches on the head dim and,
-// with split-KV, folds the splits.
+// flash_attn_with_kvcache: checks the launch-level arguments and dispatches on the head dim.
 #include <stdexcept>
 #include <string>
 
@@ -48,8 +47,10 @@ void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
     throw std::invalid_argument(op + "at most 65535 sequences and 65535 kv heads");
   }
   if (p.num_splits < 1) throw std::invalid_argument(op + "num_splits must be >= 1");
-  if (p.num_splits > 1 && (p.out_part == nullptr || p.lse_part == nullptr)) {
-    throw std::invalid_argument(op + "num_splits > 1 needs the out_part/lse_part workspace");
+  if (p.num_splits > 1 &&
+      (p.out_part == nullptr || p.lse_part == nullptr || p.split_counters == nullptr)) {
+    throw std::invalid_argument(op + "num_splits > 1 needs the out_part/lse_part/split_counters "
+                                     "workspace");
   }
   if (p.block_table != nullptr && (p.page_size < 16 || p.page_size % 16 != 0)) {
     throw std::invalid_argument(op + "page size must be a positive multiple of 16, got " +
@@ -74,7 +75,6 @@ void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
       throw std::invalid_argument(op + "head_dim must be 64, 96, 128 or 256, got " +
                                   std::to_string(p.head_dim));
   }
-  if (p.num_splits > 1) combine_splits(p, dtype, s);
 }
 
 }  // namespace ember

@@ -31,10 +31,14 @@ struct DecodeParams {
   void* out;
   float* lse;
   // num_splits > 1: float32 partial results, out_part [num_splits, batch, seqlen_q, heads_q,
-  // head_dim] and lse_part [num_splits, batch, heads_q, seqlen_q], folded into out/lse by a
-  // second kernel. Unused (nullptr) when num_splits == 1.
+  // head_dim] and lse_part [num_splits, batch, heads_q, seqlen_q], and split_counters, int32
+  // [batch, heads_kv, row blocks], zero on entry: the splits of a (sequence, kv head, row block)
+  // count themselves in, and the last to finish folds all partials into out/lse and sets its
+  // counter back to zero (so a captured CUDA graph can replay with the same buffer). Unused
+  // (nullptr) when num_splits == 1.
   float* out_part;
   float* lse_part;
+  int* split_counters;
 
   int batch, seqlen_q, heads_q, heads_kv, head_dim;
   int num_splits;
@@ -79,8 +83,8 @@ struct DecodeTileShape {
 };
 DecodeTileShape decode_tile_shape(int head_dim, int packed_rows);
 
-// Runs the attention kernel and, when p.num_splits > 1, the kernel that folds the splits.
-// dtype: code of q (fp16/bf16); cache_dtype: q's code or float8_e4m3fn. Throws
+// Runs the attention kernel (with p.num_splits > 1, its last split per row block folds the
+// splits). dtype: code of q (fp16/bf16); cache_dtype: q's code or float8_e4m3fn. Throws
 // std::invalid_argument on an unsupported configuration.
 void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
                              std::intptr_t stream);
@@ -99,9 +103,6 @@ struct StateRows {
 void merge_attn_states(const StateRows<const void>& a, const StateRows<const void>& b,
                        const StateRows<void>& out, int batch, int positions, int heads,
                        int head_dim, int dtype, std::intptr_t stream);
-
-// Folds p.num_splits partial states (p.out_part / p.lse_part) into p.out / p.lse.
-void combine_splits(const DecodeParams& p, int dtype, cudaStream_t stream);
 
 // One per head dim, each in its own translation unit so they compile in parallel.
 void run_decode_hdim64(const DecodeParams& p, int dtype, bool fp8, cudaStream_t stream);

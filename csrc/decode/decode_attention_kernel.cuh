@@ -36,8 +36,10 @@
 //     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
 //   * Split-KV: split s of S takes tiles [s * ceil(T / S), (s + 1) * ceil(T / S)) of the T tiles
 //     the block's rows can see (ember.ops._split_kv's rule). With S > 1 every split writes its
-//     float32 partial output and LSE (an empty split: zeros and -inf) and merge_states.cu folds
-//     them with the math of merge_attn_states.
+//     float32 partial output and LSE (an empty split: zeros and -inf), then counts itself in on
+//     its row block's counter; the last split to arrive folds all of them with the math of
+//     merge_attn_states (merge_row.cuh) and writes the result. No second kernel: its launch
+//     and the gap before it cost more than the fold itself at decode sizes.
 #pragma once
 
 #include <algorithm>
@@ -52,6 +54,7 @@
 #include "attention/flash_fwd_kernel.cuh"
 #include "common/common.h"
 #include "decode/decode_attention.h"
+#include "decode/merge_row.cuh"
 
 namespace ember {
 namespace decode {
@@ -422,6 +425,50 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
 }
 
 // ------------------------------------------------------------------------------------------
+// Split-KV: the last split of a row block folds the partials
+// ------------------------------------------------------------------------------------------
+
+// Called by every thread after the CTA wrote its partial rows. Threadfence-reduction pattern:
+// each thread's partial stores are made visible device-wide before thread 0 counts the split
+// in; the split that brings the count to num_splits is the last, so every other split's
+// partials are visible to it, and it reads them from L2 (merge_row's loads bypass L1).
+template <class Cfg>
+__device__ __forceinline__ void fold_splits_if_last(const DecodeParams& p, int b, int kv_head,
+                                                    int m_block, int r0, int rows_here,
+                                                    int group) {
+  __shared__ int s_is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int m_blocks = gridDim.x / p.num_splits;
+    int* counter =
+        p.split_counters + (static_cast<int64_t>(b) * p.heads_kv + kv_head) * m_blocks + m_block;
+    const bool last = atomicAdd(counter, 1) == p.num_splits - 1;
+    if (last) *counter = 0;  // ready for the next launch or graph replay
+    s_is_last = last;
+  }
+  __syncthreads();
+  if (!s_is_last) return;
+  __threadfence();
+  const merge::SplitStates states{{p.out_part, p.lse_part, p.part_batch_stride,
+                                   p.part_row_stride, p.part_head_stride,
+                                   p.lse_part_batch_stride, p.lse_part_head_stride},
+                                  p.part_split_stride,
+                                  p.lse_part_split_stride,
+                                  p.num_splits};
+  using T = typename Cfg::T;
+  const StateRows<T> out{static_cast<T*>(p.out), p.lse, p.o_batch_stride, p.o_row_stride,
+                         p.o_head_stride, p.lse_batch_stride, p.lse_head_stride};
+  const int warp = threadIdx.x >> 5;
+  for (int row = warp; row < rows_here; row += kWarps) {  // one warp per packed row
+    const int packed = r0 + row;
+    const int pos = packed / group;
+    const int head = kv_head * group + (packed - pos * group);
+    merge::merge_row<float, T, Cfg::kHeadDim>(states, out, b, pos, head, threadIdx.x & 31);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // The kernel
 // ------------------------------------------------------------------------------------------
 
@@ -665,6 +712,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       if (col == 0) p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + pos] = lse;
     }
   }
+  if (partial) fold_splits_if_last<Cfg>(p, b, kv_head, m_block, r0, rows_here, group);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ class LLM:
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
             "prefix_cache_hit_rate": bm.prefix_hit_tokens / max(bm.prefix_query_tokens, 1),
             "num_preemptions": self.scheduler.num_preemptions,
-            "cuda_graph_batch_sizes": sorted(self.runner.graphs),
+            "cuda_graph_batch_sizes": self.runner.graph_batch_sizes,
             "graph_capture_seconds": self.runner.graph_capture_seconds,
         }
 

@@ -1,18 +1,19 @@
 """ModelRunner: owns the model and the paged KV cache; turns a scheduled batch into flat
-tensors, runs the model (replaying a CUDA graph for decode-only batches) and samples.
+tensors, runs the model and samples; decode-only batches replay a CUDA graph of the whole step
+(cuda_graphs.py).
 
 The batch metadata is built on the host from the sequences' block tables with numpy and copied
 to the device without waiting for it; the sampled token ids coming back are the one host sync
 of a step.
 """
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ember.engine.config import EngineConfig
+from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.sampler import Sampler
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import ScheduledBatch
@@ -134,100 +135,41 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size = config.block_size
-        self.max_blocks_per_seq = -(-max_model_len // config.block_size)
         self.num_blocks = num_blocks
         # One extra block past the managed ones: padded rows of CUDA graph batches write there.
-        self.scratch_block = num_blocks
         self.kv_caches = allocate_kv_cache(model, num_blocks + 1, config.block_size, self.device)
         self.sampler = Sampler(eos_token_ids, config.kernel_backend)
-        self.graphs: dict = {}
-        self.graph_capture_seconds = 0.0
+        self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_decode_graphs()
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, self.sampler, max_num_seqs=config.max_num_seqs,
+                max_blocks_per_seq=-(-max_model_len // config.block_size),
+                scratch_block=num_blocks, device=self.device)
 
-    # ------------------------------------------------------------------------------------------
-    # Running a step
-    # ------------------------------------------------------------------------------------------
+    @property
+    def graph_batch_sizes(self) -> list:
+        return sorted(self.graphs.graphs) if self.graphs else []
+
+    @property
+    def graph_capture_seconds(self) -> float:
+        return self.graphs.capture_seconds if self.graphs else 0.0
+
+    @staticmethod
+    def _all_decodes(batch: ScheduledBatch) -> bool:
+        """Every sequence computes exactly its last token (and so samples): a decode step.
+        A one-token prompt chunk that is not the prompt's end does not count."""
+        return batch.num_decodes == len(batch.seqs) and all(
+            s.num_computed_tokens + 1 == len(s) for s in batch.seqs)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple:
         """Run one step; returns ``(sampling sequences, their new token ids)``."""
+        if self.graphs and self._all_decodes(batch) and self.graphs.size_for(len(batch.seqs)):
+            return batch.seqs, self.graphs.run(batch.seqs)
         inputs = prepare_inputs(batch, self.device)
-        num_tokens = inputs.input_ids.shape[0]
-        if batch.num_decodes == len(batch.seqs) and self._graph_size(num_tokens) is not None:
-            hidden = self._replay_graph(inputs)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
         if not inputs.sampling_seqs:
             return [], []
         logits = self.model.compute_logits(hidden[inputs.logits_rows])
         tokens = self.sampler(logits, inputs.sampling_seqs)
         return inputs.sampling_seqs, tokens.tolist()
-
-    # ------------------------------------------------------------------------------------------
-    # CUDA graphs for decode-only batches
-    # ------------------------------------------------------------------------------------------
-
-    def _graph_batch_sizes(self) -> list:
-        largest = min(self.config.max_num_seqs, 512)
-        sizes = [b for b in (1, 2, 4, 8) if b < largest] + list(range(16, largest, 16))
-        return sizes + [largest]
-
-    def _graph_size(self, batch_size: int) -> int | None:
-        """The smallest captured batch size that fits ``batch_size`` decodes, if any."""
-        for size in self.graphs:
-            if size >= batch_size:
-                return size
-        return None
-
-    def _capture_decode_graphs(self) -> None:
-        start = time.perf_counter()
-        sizes = self._graph_batch_sizes()
-        largest = sizes[-1]
-        dev = self.device
-        self.graph_inputs = {
-            "input_ids": torch.zeros(largest, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(largest, dtype=torch.int64, device=dev),
-            "cached": torch.zeros(largest, dtype=torch.int32, device=dev),
-            "block_table": torch.full((largest, self.max_blocks_per_seq), self.scratch_block,
-                                      dtype=torch.int32, device=dev),
-        }
-        pool = None
-        for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
-            g = self.graph_inputs
-            meta = AttentionMetadata(num_decodes=size, decode_cached=g["cached"][:size],
-                                     decode_block_table=g["block_table"][:size])
-            args = (g["input_ids"][:size], g["positions"][:size], meta, self.kv_caches)
-            with torch.inference_mode():
-                self.model(*args)  # warm-up outside capture: lazy initialisation, autotuning
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph, pool=pool):
-                        out = self.model(*args)
-                except RuntimeError as e:
-                    raise RuntimeError(
-                        f"capturing the decode CUDA graph (batch {size}) failed: {e}; an op "
-                        f"synchronises with the host inside the model. Pass enforce_eager=True "
-                        f"to run without CUDA graphs.") from e
-            pool = graph.pool()
-            self.graphs[size] = (graph, out)
-        self.graphs = dict(sorted(self.graphs.items()))
-        torch.cuda.synchronize()
-        self.graph_capture_seconds = time.perf_counter() - start
-
-    def _replay_graph(self, inputs: StepInputs) -> torch.Tensor:
-        n = inputs.input_ids.shape[0]
-        size = self._graph_size(n)
-        g = self.graph_inputs
-        meta = inputs.meta
-        g["input_ids"][:n] = inputs.input_ids
-        g["positions"][:n] = inputs.positions
-        g["cached"][:n] = meta.decode_cached
-        g["block_table"][:n, :meta.decode_block_table.shape[1]] = meta.decode_block_table
-        # Padding rows: no cached tokens; their one new token lands in the scratch block.
-        g["cached"][n:size] = 0
-        g["block_table"][n:size, 0] = self.scratch_block
-        graph, out = self.graphs[size]
-        graph.replay()
-        return out[:n]

@@ -2,11 +2,38 @@
 
 Each sequence draws from its own random stream, ``(seed, number of tokens it has generated)``,
 so its tokens do not depend on the batch around it, on preemption or on chunking.
+
+A step's per-row parameters travel to the device packed in two tensors (floats and integers),
+two copies instead of six; the CUDA-graph decode path keeps the same two tensors as static
+graph inputs and samples inside the graph.
 """
 
+import numpy as np
 import torch
 
 from ember import ops
+
+# Rows of the packed parameter tensors.
+FLOAT_ROWS = ("temperature", "top_p", "min_p")
+INT_ROWS = ("top_k", "seed", "offset")
+
+
+def fill_sampling_rows(seqs: list, floats: np.ndarray, ints: np.ndarray) -> None:
+    """Write the parameters of ``seqs`` into columns ``[0, len(seqs))`` of ``floats`` (float32
+    ``[3, >= n]``, rows FLOAT_ROWS) and ``ints`` (int64 ``[3, >= n]``, rows INT_ROWS)."""
+    n = len(seqs)
+    floats[:, :n] = [[s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
+                     [s.params.min_p for s in seqs]]
+    ints[:, :n] = [[s.params.top_k for s in seqs], [s.seed for s in seqs],
+                   [s.num_output_tokens for s in seqs]]
+
+
+def sample_rows(logits: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor,
+                backend: str) -> torch.Tensor:
+    """``ops.sample`` with packed per-row parameters (see ``fill_sampling_rows``); no host sync,
+    so it can be captured in a CUDA graph."""
+    return ops.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2],
+                      backend=backend)
 
 
 class Sampler:
@@ -16,24 +43,20 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
         """logits float32 ``[len(seqs), vocab]`` -> int64 ``[len(seqs)]`` token ids."""
-        params = [s.params for s in seqs]
+        n = len(seqs)
+        floats, ints = np.empty((3, n), np.float32), np.empty((3, n), np.int64)
+        fill_sampling_rows(seqs, floats, ints)
         device = logits.device
+        self.forbid_early_stops(logits, seqs)
+        return sample_rows(logits, torch.from_numpy(floats).to(device, non_blocking=True),
+                           torch.from_numpy(ints).to(device, non_blocking=True), self.backend)
 
-        def row(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    def needs_logit_edits(self, seqs: list) -> bool:
+        """Whether some sequence is still below its min_tokens and must have EOS/stop ids
+        banned from its logits (sampling then cannot run inside a captured graph)."""
+        return any(s.num_output_tokens < s.params.min_tokens for s in seqs)
 
-        self._forbid_early_stops(logits, seqs)
-        return ops.sample(
-            logits,
-            row([p.temperature for p in params], torch.float32),
-            row([p.top_k for p in params], torch.int32),
-            row([p.top_p for p in params], torch.float32),
-            row([p.min_p for p in params], torch.float32),
-            row([s.seed for s in seqs], torch.int64),
-            row([s.num_output_tokens for s in seqs], torch.int64),
-            backend=self.backend)
-
-    def _forbid_early_stops(self, logits: torch.Tensor, seqs: list) -> None:
+    def forbid_early_stops(self, logits: torch.Tensor, seqs: list) -> None:
         # min_tokens: before it, EOS and stop ids must not be drawn at all (vLLM's semantics).
         rows, cols = [], []
         for i, seq in enumerate(seqs):

@@ -4,9 +4,9 @@ kernels in ``csrc/decode/`` (through ``ember._C``).
 The public functions in ``ember.ops.attention`` have validated the inputs and resolved the
 defaults (see that module's docstring for what a backend may assume); this module turns tensors
 into pointers, strides, dtype codes and the current stream, allocates the outputs and the
-split-KV workspace, and plans the split count with the rule every backend shares
-(``ember.ops._split_kv``), from shapes only: nothing here waits for the GPU, so the ops can be
-captured in CUDA graphs.
+split-KV workspace (partials and arrival counters), and plans the split count with the rule
+every backend shares (``ember.ops._split_kv``), from shapes only: nothing here waits for the
+GPU, so the ops can be captured in CUDA graphs.
 """
 
 import math
@@ -54,15 +54,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     q, k_cache, v_cache = (with_16b_aligned_rows(t) for t in (q, k_cache, v_cache))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
-    out_part = lse_part = None
+    out_part = lse_part = counters = None
     if splits > 1:
         out_part = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(splits, batch, heads_q, seqlen_q, dtype=torch.float32,
                                device=q.device)
+        # One arrival counter per (sequence, kv head, row block); the kernel's last split of
+        # each folds the partials and zeroes its counter again.
+        counters = torch.zeros(batch * heads_kv * math.ceil(packed_rows / block_m),
+                               dtype=torch.int32, device=q.device)
     ext.flash_attn_with_kvcache(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens_k.data_ptr(),
         _ext.ptr(block_table), _ext.ptr(tree_mask), _ext.ptr(k_scale), _ext.ptr(v_scale),
-        out.data_ptr(), lse.data_ptr(), _ext.ptr(out_part), _ext.ptr(lse_part),
+        out.data_ptr(), lse.data_ptr(), _ext.ptr(out_part), _ext.ptr(lse_part), _ext.ptr(counters),
         batch, seqlen_q, heads_q, heads_kv, head_dim, splits,
         k_cache.shape[1] if paged else 0, block_table.shape[1] if paged else 0,
         q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],

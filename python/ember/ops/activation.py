@@ -36,3 +36,5 @@ def _(x, backend):
 
 
 _registry.register("silu_and_mul", torch=reference.silu_and_mul)
+_registry.register("silu_and_mul", triton="ember.triton_kernels.activation:silu_and_mul")
+_registry.register("silu_and_mul", cuda="ember.ops._cuda_glue:silu_and_mul")

@@ -78,3 +78,7 @@ def _(x, residual, weight, eps, backend):
 
 _registry.register("rms_norm", torch=reference.rms_norm)
 _registry.register("fused_add_rms_norm", torch=reference.fused_add_rms_norm)
+_registry.register("rms_norm", triton="ember.triton_kernels.norm:rms_norm")
+_registry.register("fused_add_rms_norm", triton="ember.triton_kernels.norm:fused_add_rms_norm")
+_registry.register("rms_norm", cuda="ember.ops._cuda_glue:rms_norm")
+_registry.register("fused_add_rms_norm", cuda="ember.ops._cuda_glue:fused_add_rms_norm")

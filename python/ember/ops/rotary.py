@@ -62,3 +62,5 @@ def _(positions, q, k, cos_sin_cache, is_neox, backend):
 
 
 _registry.register("rotary_embedding", torch=reference.rotary_embedding)
+_registry.register("rotary_embedding", triton="ember.triton_kernels.rotary:rotary_embedding")
+_registry.register("rotary_embedding", cuda="ember.ops._cuda_glue:rotary_embedding")

@@ -1,0 +1,44 @@
+// Python bindings of the rotary family (see csrc/bindings.cpp for the conventions).
+#include <pybind11/pybind11.h>
+
+#include "common/binding_args.h"
+#include "rotary/rotary.h"
+
+namespace py = pybind11;
+using std::intptr_t;
+
+namespace ember {
+
+void bind_rotary(py::module_& m) {
+  m.def(
+      "rotary_embedding",
+      [](intptr_t positions, intptr_t q, intptr_t k, intptr_t cos_sin_cache, intptr_t out_q,
+         intptr_t out_k, int64_t num_tokens, int heads_q, int heads_k, int head_dim,
+         int rotary_dim, int64_t max_positions, int64_t positions_stride, py::tuple q_strides,
+         py::tuple k_strides, bool is_neox, bool positions_int64, int dtype, int cache_dtype,
+         intptr_t stream) {
+        RotaryParams p{};
+        p.positions = ptr_arg<const void>(positions);
+        p.q = ptr_arg<const void>(q);
+        p.k = ptr_arg<const void>(k);
+        p.cos_sin_cache = ptr_arg<const void>(cos_sin_cache);
+        p.out_q = ptr_arg<void>(out_q);
+        p.out_k = ptr_arg<void>(out_k);
+        p.num_tokens = num_tokens;
+        p.max_positions = max_positions;
+        p.heads_q = heads_q;
+        p.heads_k = heads_k;
+        p.head_dim = head_dim;
+        p.rotary_dim = rotary_dim;
+        p.positions_stride = positions_stride;
+        p.q_stride_token = stride_arg(q_strides, 0);
+        p.q_stride_head = stride_arg(q_strides, 1);
+        p.k_stride_token = stride_arg(k_strides, 0);
+        p.k_stride_head = stride_arg(k_strides, 1);
+        p.is_neox = is_neox;
+        rotary_embedding(p, dtype, cache_dtype, positions_int64, stream);
+      },
+      "Rotate q and k into dense outputs (raw pointers; use ember.ops.rotary_embedding)");
+}
+
+}  // namespace ember

@@ -1,0 +1,113 @@
+"""CUDA graphs of the decode step: model, LM head and sampling replayed as one launch.
+
+A decode-only step of ``n`` sequences replays the graph captured for the smallest batch size
+``>= n``; the extra rows are padding whose one new token lands in a scratch KV block. All the
+step's inputs live in static device buffers, filled from pinned host buffers by a few small copies
+(token ids and positions, cached lengths, sampling parameters, block table); what comes back is
+the sampled token ids (and the logits, for the rare step whose sampling needs host-side edits).
+"""
+
+import time
+
+import numpy as np
+import torch
+
+from ember.engine.sampler import fill_sampling_rows, sample_rows
+from ember.models.attention import AttentionMetadata
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list:
+    """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (at most 512)."""
+    largest = min(max_num_seqs, 512)
+    sizes = [b for b in (1, 2, 4, 8) if b < largest] + list(range(16, largest, 16))
+    return sizes + [largest]
+
+
+def _pinned(shape, dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches, sampler, *, max_num_seqs: int, max_blocks_per_seq: int,
+                 scratch_block: int, device):
+        self.model, self.kv_caches, self.sampler = model, kv_caches, sampler
+        self.scratch_block = scratch_block
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        largest = self.sizes[-1]
+        # Static inputs. tokens: rows (input ids, positions); the sampling rows as in sampler.py.
+        self.tokens = torch.zeros(2, largest, dtype=torch.int64, device=device)
+        self.cached = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.block_table = torch.full((largest, max_blocks_per_seq), scratch_block,
+                                      dtype=torch.int32, device=device)
+        self.floats = torch.zeros(3, largest, dtype=torch.float32, device=device)
+        self.ints = torch.zeros(3, largest, dtype=torch.int64, device=device)
+        self.host_tokens = _pinned((2, largest), torch.int64)
+        self.host_cached = _pinned((largest,), torch.int32)
+        self.host_floats = _pinned((3, largest), torch.float32)
+        self.host_ints = _pinned((3, largest), torch.int64)
+        self.graphs: dict = {}  # size -> (graph, logits, token ids)
+        start = time.perf_counter()
+        self._capture()
+        self.capture_seconds = time.perf_counter() - start
+
+    def _step(self, size: int):
+        meta = AttentionMetadata(num_decodes=size, decode_cached=self.cached[:size],
+                                 decode_block_table=self.block_table[:size])
+        hidden = self.model(self.tokens[0, :size], self.tokens[1, :size], meta, self.kv_caches)
+        logits = self.model.compute_logits(hidden)
+        return logits, sample_rows(logits, self.floats[:, :size], self.ints[:, :size],
+                                   self.sampler.backend)
+
+    def _capture(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
+            with torch.inference_mode():
+                self._step(size)  # warm-up outside capture: lazy initialisation, autotuning
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits, token_ids = self._step(size)
+                except RuntimeError as e:
+                    raise RuntimeError(
+                        f"capturing the decode CUDA graph (batch {size}) failed: {e}; an op "
+                        f"synchronises with the host inside the model. Pass enforce_eager=True "
+                        f"to run without CUDA graphs.") from e
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits, token_ids)
+        self.graphs = dict(sorted(self.graphs.items()))
+        torch.cuda.synchronize()
+
+    def size_for(self, batch_size: int) -> int | None:
+        """The smallest captured batch size that fits ``batch_size`` decodes, if any."""
+        return next((s for s in self.graphs if s >= batch_size), None)
+
+    def run(self, seqs: list) -> list:
+        """One decode step of ``seqs`` (each computes its last token); their new token ids."""
+        n, size = len(seqs), self.size_for(len(seqs))
+        cached = [s.num_computed_tokens for s in seqs]
+        tokens = self.host_tokens.numpy()
+        tokens[0, :n] = [s.token_ids[c] for s, c in zip(seqs, cached, strict=True)]
+        tokens[1, :n] = cached
+        tokens[:, n:size] = 0
+        host_cached = self.host_cached.numpy()
+        host_cached[:n] = cached
+        host_cached[n:size] = 0  # padding rows: no cached keys, one new token in scratch
+        fill_sampling_rows(seqs, self.host_floats.numpy(), self.host_ints.numpy())
+        width = max(len(s.block_table) for s in seqs)
+        table = np.full((size, width), self.scratch_block, dtype=np.int32)
+        for row, seq in enumerate(seqs):
+            table[row, :len(seq.block_table)] = seq.block_table
+
+        # Whole static buffers are copied (a few KB): contiguous copies straight from pinned
+        # memory. The pinned buffers are rewritten only after the previous step's token ids
+        # reached the host, which follows these copies on the stream: no copy still reads them.
+        for static, host in ((self.tokens, self.host_tokens), (self.cached, self.host_cached),
+                             (self.floats, self.host_floats), (self.ints, self.host_ints)):
+            static.copy_(host, non_blocking=True)
+        self.block_table[:size, :width].copy_(torch.from_numpy(table), non_blocking=True)
+        graph, logits, token_ids = self.graphs[size]
+        graph.replay()
+        if self.sampler.needs_logit_edits(seqs):
+            return self.sampler(logits[:n].clone(), seqs).tolist()
+        return token_ids[:n].tolist()
