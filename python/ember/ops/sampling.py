@@ -202,3 +202,4 @@ def _(draft_token_ids, draft_probs, target_probs, seeds, offsets, backend):
 
 _registry.register("sample", torch=reference.sample)
 _registry.register("speculative_accept", torch=reference.speculative_accept)
+_registry.register("sample", triton="ember.triton_kernels.sampling:sample")
