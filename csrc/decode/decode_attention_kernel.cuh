@@ -36,7 +36,7 @@
 //     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
 //   * Split-KV: split s of S takes tiles [s * ceil(T / S), (s + 1) * ceil(T / S)) of the T tiles
 //     the block's rows can see (ember.ops._split_kv's rule). With S > 1 every split writes its
-//     float32 partial output and LSE (an empty split: zeros and -inf), then counts itself in on
+//     float32 partial output and LSE (an empty split: only lse = -inf), then counts itself in on
 //     its row block's counter; the last split to arrive folds all of them with the math of
 //     merge_attn_states (merge_row.cuh) and writes the result. No second kernel: its launch
 //     and the gap before it cost more than the fold itself at decode sizes.
@@ -695,9 +695,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int pos = packed / group;
     const int head = kv_head * group + (packed - pos * group);
     if (partial) {
-      float* dst = p.out_part + split * p.part_split_stride + b * p.part_batch_stride +
-                   pos * p.part_row_stride + head * p.part_head_stride + col;
-      *reinterpret_cast<float4*>(dst) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+      // The fold never reads the partial output of a row that saw no key (lse = -inf):
+      // empty splits, common when the split count was planned for the cache's capacity, store
+      // only their lse.
+      if (total > 0.f) {
+        float* dst = p.out_part + split * p.part_split_stride + b * p.part_batch_stride +
+                     pos * p.part_row_stride + head * p.part_head_stride + col;
+        *reinterpret_cast<float4*>(dst) =
+            make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+      }
       if (col == 0) {
         p.lse_part[split * p.lse_part_split_stride + b * p.lse_part_batch_stride +
                    head * p.lse_part_head_stride + pos] = lse;

@@ -74,7 +74,7 @@ def test_store_kvcache_reference_matches_loop():
 @pytest.mark.parametrize("mutate,error,match", [
     (lambda a: a.update(slots=a["slots"].int()), TypeError, "slot_mapping must have dtype"),
     (lambda a: a.update(slots=a["slots"] + 1000), ValueError, "slot_mapping values"),
-    (lambda a: a.update(k=a["k"].float()), TypeError, "k must have dtype"),
+    (lambda a: a.update(k=a["k"].double()), TypeError, "k must have dtype"),
     (lambda a: a.update(v=a["v"][:, :1]), ValueError, "v must have shape"),
     (lambda a: a.update(k_cache=a["k_cache"][..., :8]), ValueError, "k_cache must have shape"),
     (lambda a: a.update(k_cache=a["k_cache"].to(torch.float8_e4m3fn),
@@ -98,3 +98,15 @@ def test_unavailable_backend_errors():
         ember.ops.store_kvcache(k, v, k_cache, v_cache, slots, backend="cuda")
     with pytest.raises(ValueError, match="backend must be"):
         ember.ops.store_kvcache(k, v, k_cache, v_cache, slots, backend="bogus")
+
+
+def test_store_kvcache_float32_only_on_torch():
+    k, v, k_cache, v_cache, slots = make_case("cpu", torch.float32, 9, 2, 64, 4, 16,
+                                              torch.float32)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.store_kvcache(k, v, want_k, want_v, slots)
+    ember.ops.store_kvcache(k, v, k_cache, v_cache, slots)  # "auto" picks torch for float32
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    if "triton" in ember.ops.available_backends("store_kvcache"):
+        with pytest.raises(ValueError, match="takes float16/bfloat16"):
+            ember.ops.store_kvcache(k, v, k_cache, v_cache, slots, backend="triton")

@@ -19,6 +19,8 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
+import numpy as np
+
 from ember.engine.sequence import Sequence
 
 
@@ -33,6 +35,14 @@ class Block:
 
     def __repr__(self) -> str:
         return f"Block({self.block_id}, ref={self.ref_count}, cached={self.hash is not None})"
+
+
+def slot_mapping(tables: np.ndarray, rows: np.ndarray, positions: np.ndarray,
+                 block_size: int) -> np.ndarray:
+    """int64 cache slots of tokens at ``positions`` of the sequences whose block tables are
+    ``tables[rows]``: ``block * block_size + position % block_size``."""
+    blocks = tables[rows, positions // block_size].astype(np.int64)
+    return blocks * block_size + positions % block_size
 
 
 def chain_hash(previous: bytes | None, token_ids) -> bytes:

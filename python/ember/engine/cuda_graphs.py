@@ -1,10 +1,11 @@
 """CUDA graphs of the decode step: model, LM head and sampling replayed as one launch.
 
 A decode-only step of ``n`` sequences replays the graph captured for the smallest batch size
-``>= n``; the extra rows are padding whose one new token lands in a scratch KV block. All the
-step's inputs live in static device buffers, filled from pinned host buffers by a few small copies
-(token ids and positions, cached lengths, sampling parameters, block table); what comes back is
-the sampled token ids (and the logits, for the rare step whose sampling needs host-side edits).
+``>= n``; the extra rows are padding: no slot to store their K/V (-1) and no key to attend to.
+All the step's inputs live in static device buffers, filled from pinned host buffers by a few
+small copies (token ids, positions and slots; key counts; sampling parameters; block table);
+what comes back is the sampled token ids (and the logits, for the rare step whose sampling
+needs host-side edits).
 """
 
 import time
@@ -12,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from ember.engine.block_manager import slot_mapping
 from ember.engine.sampler import fill_sampling_rows, sample_rows
 from ember.models.attention import AttentionMetadata
 
@@ -29,20 +31,23 @@ def _pinned(shape, dtype) -> torch.Tensor:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, sampler, *, max_num_seqs: int, max_blocks_per_seq: int,
-                 scratch_block: int, device):
+                 block_size: int, device):
         self.model, self.kv_caches, self.sampler = model, kv_caches, sampler
-        self.scratch_block = scratch_block
+        self.block_size = block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
         largest = self.sizes[-1]
-        # Static inputs. tokens: rows (input ids, positions); the sampling rows as in sampler.py.
-        self.tokens = torch.zeros(2, largest, dtype=torch.int64, device=device)
-        self.cached = torch.zeros(largest, dtype=torch.int32, device=device)
-        self.block_table = torch.full((largest, max_blocks_per_seq), scratch_block,
-                                      dtype=torch.int32, device=device)
+        # Static inputs. tokens: rows (input ids, positions, KV slots); seqlens: keys attended;
+        # floats/ints: the sampling rows of sampler.py. Until a step fills them, every row is
+        # padding.
+        self.tokens = torch.zeros(3, largest, dtype=torch.int64, device=device)
+        self.tokens[2] = -1
+        self.seqlens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.block_table = torch.zeros(largest, max_blocks_per_seq, dtype=torch.int32,
+                                       device=device)
         self.floats = torch.zeros(3, largest, dtype=torch.float32, device=device)
         self.ints = torch.zeros(3, largest, dtype=torch.int64, device=device)
-        self.host_tokens = _pinned((2, largest), torch.int64)
-        self.host_cached = _pinned((largest,), torch.int32)
+        self.host_tokens = _pinned((3, largest), torch.int64)
+        self.host_seqlens = _pinned((largest,), torch.int32)
         self.host_floats = _pinned((3, largest), torch.float32)
         self.host_ints = _pinned((3, largest), torch.int64)
         self.graphs: dict = {}  # size -> (graph, logits, token ids)
@@ -51,7 +56,8 @@ class DecodeGraphs:
         self.capture_seconds = time.perf_counter() - start
 
     def _step(self, size: int):
-        meta = AttentionMetadata(num_decodes=size, decode_cached=self.cached[:size],
+        meta = AttentionMetadata(slot_mapping=self.tokens[2, :size], num_decodes=size,
+                                 decode_seqlens=self.seqlens[:size],
                                  decode_block_table=self.block_table[:size])
         hidden = self.model(self.tokens[0, :size], self.tokens[1, :size], meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
@@ -85,27 +91,28 @@ class DecodeGraphs:
     def run(self, seqs: list) -> list:
         """One decode step of ``seqs`` (each computes its last token); their new token ids."""
         n, size = len(seqs), self.size_for(len(seqs))
-        cached = [s.num_computed_tokens for s in seqs]
-        tokens = self.host_tokens.numpy()
-        tokens[0, :n] = [s.token_ids[c] for s, c in zip(seqs, cached, strict=True)]
-        tokens[1, :n] = cached
-        tokens[:, n:size] = 0
-        host_cached = self.host_cached.numpy()
-        host_cached[:n] = cached
-        host_cached[n:size] = 0  # padding rows: no cached keys, one new token in scratch
-        fill_sampling_rows(seqs, self.host_floats.numpy(), self.host_ints.numpy())
         width = max(len(s.block_table) for s in seqs)
-        table = np.full((size, width), self.scratch_block, dtype=np.int32)
+        table = np.zeros((n, width), dtype=np.int32)
         for row, seq in enumerate(seqs):
             table[row, :len(seq.block_table)] = seq.block_table
+        positions = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
+        tokens = self.host_tokens.numpy()
+        tokens[0, :n] = [s.token_ids[-1] for s in seqs]
+        tokens[1, :n] = positions
+        tokens[2, :n] = slot_mapping(table, np.arange(n), positions, self.block_size)
+        tokens[:, n:size] = [[0], [0], [-1]]
+        seqlens = self.host_seqlens.numpy()
+        seqlens[:n] = positions + 1
+        seqlens[n:size] = 0
+        fill_sampling_rows(seqs, self.host_floats.numpy(), self.host_ints.numpy())
 
         # Whole static buffers are copied (a few KB): contiguous copies straight from pinned
         # memory. The pinned buffers are rewritten only after the previous step's token ids
         # reached the host, which follows these copies on the stream: no copy still reads them.
-        for static, host in ((self.tokens, self.host_tokens), (self.cached, self.host_cached),
+        for static, host in ((self.tokens, self.host_tokens), (self.seqlens, self.host_seqlens),
                              (self.floats, self.host_floats), (self.ints, self.host_ints)):
             static.copy_(host, non_blocking=True)
-        self.block_table[:size, :width].copy_(torch.from_numpy(table), non_blocking=True)
+        self.block_table[:n, :width].copy_(torch.from_numpy(table), non_blocking=True)
         graph, logits, token_ids = self.graphs[size]
         graph.replay()
         if self.sampler.needs_logit_edits(seqs):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ember.engine.block_manager import slot_mapping
 from ember.engine.config import EngineConfig
 from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.sampler import Sampler
@@ -46,7 +47,7 @@ def allocate_kv_cache(model, num_blocks: int, block_size: int, device) -> list:
              torch.empty(shape, dtype=dtype, device=device)) for _ in range(c.num_layers)]
 
 
-def prepare_inputs(batch: ScheduledBatch, device: torch.device) -> StepInputs:
+def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepInputs:
     """The flat tensors of a scheduled batch (see AttentionMetadata)."""
     seqs, counts = batch.seqs, batch.num_new_tokens
     starts = [s.num_computed_tokens for s in seqs]
@@ -55,8 +56,9 @@ def prepare_inputs(batch: ScheduledBatch, device: torch.device) -> StepInputs:
         input_ids += seq.token_ids[start:start + n]
     n_arr = np.asarray(counts, dtype=np.int64)
     first_row = np.concatenate([[0], np.cumsum(n_arr)[:-1]]).astype(np.int64)
-    positions = (np.arange(int(n_arr.sum()), dtype=np.int64) - np.repeat(first_row, n_arr)
-                 + np.repeat(np.asarray(starts, dtype=np.int64), n_arr))
+    rows = np.repeat(np.arange(len(seqs)), n_arr)
+    positions = (np.arange(int(n_arr.sum()), dtype=np.int64) - first_row[rows]
+                 + np.asarray(starts, dtype=np.int64)[rows])
     width = max(len(s.block_table) for s in seqs)
     tables = np.zeros((len(seqs), width), dtype=np.int32)
     for i, seq in enumerate(seqs):
@@ -66,12 +68,15 @@ def prepare_inputs(batch: ScheduledBatch, device: torch.device) -> StepInputs:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
     nd = batch.num_decodes
-    meta = AttentionMetadata(num_decodes=nd)
+    meta = AttentionMetadata(slot_mapping=to_dev(slot_mapping(tables, rows, positions,
+                                                              block_size)),
+                             num_decodes=nd)
     if nd:
-        meta.decode_cached = to_dev(np.asarray(starts[:nd], dtype=np.int32))
+        meta.decode_seqlens = to_dev(np.asarray(starts[:nd], dtype=np.int32) + 1)
         meta.decode_block_table = to_dev(tables[:nd])
     if nd < len(seqs):
-        meta.chunks = [(int(first_row[i]), counts[i], starts[i]) for i in range(nd, len(seqs))]
+        meta.chunks = [(int(first_row[i]), counts[i], starts[i] + counts[i])
+                       for i in range(nd, len(seqs))]
         meta.chunk_block_table = to_dev(tables[nd:])
 
     # A sequence samples when this step computes its last known token.
@@ -121,7 +126,8 @@ def _profile_step(config: EngineConfig, model, max_model_len: int) -> None:
         counts.append(n)
         remaining -= n
     kv_caches = allocate_kv_cache(model, next_block, bs, config.device)
-    inputs = prepare_inputs(ScheduledBatch(seqs=seqs, num_new_tokens=counts), config.device)
+    inputs = prepare_inputs(ScheduledBatch(seqs=seqs, num_new_tokens=counts), bs,
+                            config.device)
     with torch.inference_mode():
         hidden = model(inputs.input_ids, inputs.positions, inputs.meta, kv_caches)
         rows = min(config.max_num_seqs, hidden.shape[0])
@@ -136,15 +142,14 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         self.num_blocks = num_blocks
-        # One extra block past the managed ones: padded rows of CUDA graph batches write there.
-        self.kv_caches = allocate_kv_cache(model, num_blocks + 1, config.block_size, self.device)
+        self.kv_caches = allocate_kv_cache(model, num_blocks, config.block_size, self.device)
         self.sampler = Sampler(eos_token_ids, config.kernel_backend)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, self.sampler, max_num_seqs=config.max_num_seqs,
                 max_blocks_per_seq=-(-max_model_len // config.block_size),
-                scratch_block=num_blocks, device=self.device)
+                block_size=config.block_size, device=self.device)
 
     @property
     def graph_batch_sizes(self) -> list:
@@ -166,7 +171,7 @@ class ModelRunner:
         """Run one step; returns ``(sampling sequences, their new token ids)``."""
         if self.graphs and self._all_decodes(batch) and self.graphs.size_for(len(batch.seqs)):
             return batch.seqs, self.graphs.run(batch.seqs)
-        inputs = prepare_inputs(batch, self.device)
+        inputs = prepare_inputs(batch, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
         if not inputs.sampling_seqs:
             return [], []

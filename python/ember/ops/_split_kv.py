@@ -4,12 +4,14 @@ Shared by every backend of ``flash_attn_with_kvcache`` so that ``num_splits=0`` 
 thing everywhere. Decode attention is memory-bound: one program per (batch, kv head) reads that
 head's whole cache, so with few sequences and heads most SMs sit idle. Splitting the KV range
 into ``num_splits`` slices run by separate programs fills the GPU, at the price of writing each
-slice's partial output and LSE to a workspace and merging them in a second small kernel.
+slice's partial output and LSE to a workspace and merging them: in the CUDA kernel the last
+split of a row block to finish merges them, the Triton backend runs a second small kernel.
 
 Partition rule (every backend follows it, so results do not depend on the backend's grid): a
 sequence whose attended keys span ``T`` KV tiles of ``block_n`` keys gives split ``s`` the tiles
 ``[s * ceil(T / S), min((s + 1) * ceil(T / S), T))``; splits past the end are empty and must
-write ``lse = -inf`` (and a zero partial output) so that merging ignores them. ``T`` is taken
+write ``lse = -inf`` so that merging ignores them (the Triton backend also zeroes their partial
+output, which its merge weighs by 0; the CUDA merge skips them unread). ``T`` is taken
 per sequence in the kernel (from ``cache_seqlens``, read on the device), while the split count
 comes from shapes only: computing it never syncs with the GPU, so it works in CUDA graphs.
 """
@@ -35,7 +37,8 @@ MAX_AUTO_SPLITS = 128
 # drain of each CTA's pipeline would be paid over 4 tiles instead of 16. The measured batch-1
 # loss (a near-constant 20-30 us against 16 x 32k at the same 256 CTAs, 3 us at 1 split)
 # instead tracked the split count through the combine, which waited one L2 round trip per split
-# in turn (32 x ~0.5 us); merge_states.cu now keeps a batch of splits' loads in flight. Predicted
+# in turn (32 x ~0.5 us); the merge (merge_row.cuh) now keeps a batch of splits' loads in flight
+# and, in the CUDA kernel, runs in the last split instead of a second kernel. Predicted
 # with the combine at ~2-3 us instead of ~15-20: 1 x 4k 28 -> ~11 us (~1.5 TB/s), 1 x 32k
 # 75 -> ~58 us (~2.3 TB/s), 1 x 128k 206 -> ~190 us (~2.8 TB/s). The split rule is unchanged,
 # so the Triton backend, which shares it, partitions identically.

@@ -4,6 +4,7 @@ import torch
 
 from ember.ops import _ext, _registry, reference
 from ember.ops._validation import (
+    FLOAT_DTYPES,
     HALF_DTYPES,
     check_fp8_scales,
     check_tensor,
@@ -19,8 +20,9 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=No
     """Scatter new K/V rows into a paged KV cache, in place.
 
     Args:
-        k, v: ``[num_tokens, heads_kv, head_dim]`` fp16/bf16; any token/head strides, contiguous
-            head_dim (slices of a fused QKV projection are fine).
+        k, v: ``[num_tokens, heads_kv, head_dim]`` fp16/bf16 (float32 on the torch backend);
+            any token/head strides, contiguous head_dim (slices of a fused QKV projection are
+            fine).
         k_cache, v_cache: ``[num_blocks, block_size, heads_kv, head_dim]``, the dtype of ``k`` or
             ``torch.float8_e4m3fn``; contiguous head_dim.
         slot_mapping: int64 ``[num_tokens]``; ``block * block_size + offset`` per token, ``-1``
@@ -31,14 +33,21 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=No
 
     Slots must be distinct (two tokens writing one slot is a race). Returns ``None``.
     """
+    op = "store_kvcache"
     _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    chosen = _registry.resolve("store_kvcache", backend, k.device)
+    if k.dtype in HALF_DTYPES:
+        chosen = _registry.resolve(op, backend, k.device)
+    else:  # float32: only the torch reference takes it, and "auto" picks it
+        chosen = _registry.resolve(op, "torch" if backend == "auto" else backend, k.device)
+        if chosen != "torch":
+            raise ValueError(f"{op}: backend {chosen!r} takes float16/bfloat16 k and v, got "
+                             f"{k.dtype}; use backend='torch' or 'auto'")
     torch.ops.ember.store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, chosen)
 
 
 def _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     op = "store_kvcache"
-    check_tensor(op, "k", k, dtypes=HALF_DTYPES, ndim=3, last_dim_contiguous=True)
+    check_tensor(op, "k", k, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
     num_tokens, heads, head_dim = k.shape
     dev = k.device
     check_tensor(op, "v", v, dtypes=(k.dtype,), shape=k.shape, device=dev, last_dim_contiguous=True)
@@ -53,9 +62,9 @@ def _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     check_tensor(op, "slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(num_tokens,),
                  device=dev)
     check_fp8_scales(op, k_cache, k_scale, v_scale)
-    # Vector loads need 16-byte aligned rows.
+    # The kernels' vector loads need 16-byte aligned rows.
     for name, t in (("k", k), ("v", v)):
-        if not rows_16b_aligned(t):
+        if k.dtype in HALF_DTYPES and not rows_16b_aligned(t):
             raise ValueError(f"{op}: {name} rows must be 16-byte aligned (strides multiple of 8)")
     # Host-side bounds check of the slots: ONE small device->host copy (both ends together),
     # cheaper than a fault.
