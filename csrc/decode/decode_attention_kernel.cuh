@@ -34,12 +34,14 @@
 //   * S = Q K^T and O += P V with mma.sync (f32 accumulate), online softmax in base 2, and the
 //     masks (sequence end, causal/window bounds around the bottom-right diagonal, tree mask over
 //     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
-//   * Split-KV: split s of S takes tiles [s * ceil(T / S), (s + 1) * ceil(T / S)) of the T tiles
-//     the block's rows can see (ember.ops._split_kv's rule). With S > 1 every split writes its
-//     float32 partial output and LSE (an empty split: only lse = -inf), then counts itself in on
-//     its row block's counter; the last split to arrive folds all of them with the math of
-//     merge_attn_states (merge_row.cuh) and writes the result. No second kernel: its launch
-//     and the gap before it cost more than the fold itself at decode sizes.
+//   * Split-KV: split s of S takes tiles [s * P, (s + 1) * P) of the T tiles the block's rows
+//     can see, P = max(ceil(T / S), min_tiles_per_split) (ember.ops._split_kv's rule); splits
+//     past the last one holding tiles leave at once. With one live split, it writes the result
+//     directly. With several, each writes its float32 partial output and LSE (a row that saw
+//     no key: only lse = -inf), then counts itself in on its row block's counter; the last to
+//     arrive folds them with the math of merge_attn_states (merge_row.cuh) and writes the
+//     result. No second kernel: its launch and the gap before it cost more than the fold
+//     itself at decode sizes.
 #pragma once
 
 #include <algorithm>
@@ -430,12 +432,12 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
 
 // Called by every thread after the CTA wrote its partial rows. Threadfence-reduction pattern:
 // each thread's partial stores are made visible device-wide before thread 0 counts the split
-// in; the split that brings the count to num_splits is the last, so every other split's
+// in; the split that brings the count to live_splits is the last, so every other split's
 // partials are visible to it, and it reads them from L2 (merge_row's loads bypass L1).
 template <class Cfg>
 __device__ __forceinline__ void fold_splits_if_last(const DecodeParams& p, int b, int kv_head,
-                                                    int m_block, int r0, int rows_here,
-                                                    int group) {
+                                                    int m_block, int live_splits, int r0,
+                                                    int rows_here, int group) {
   __shared__ int s_is_last;
   __threadfence();
   __syncthreads();
@@ -443,7 +445,7 @@ __device__ __forceinline__ void fold_splits_if_last(const DecodeParams& p, int b
     const int m_blocks = gridDim.x / p.num_splits;
     int* counter =
         p.split_counters + (static_cast<int64_t>(b) * p.heads_kv + kv_head) * m_blocks + m_block;
-    const bool last = atomicAdd(counter, 1) == p.num_splits - 1;
+    const bool last = atomicAdd(counter, 1) == live_splits - 1;
     if (last) *counter = 0;  // ready for the next launch or graph replay
     s_is_last = last;
   }
@@ -455,7 +457,7 @@ __device__ __forceinline__ void fold_splits_if_last(const DecodeParams& p, int b
                                    p.lse_part_batch_stride, p.lse_part_head_stride},
                                   p.part_split_stride,
                                   p.lse_part_split_stride,
-                                  p.num_splits};
+                                  live_splits};
   using T = typename Cfg::T;
   const StateRows<T> out{static_cast<T*>(p.out), p.lse, p.o_batch_stride, p.o_row_stride,
                          p.o_head_stride, p.lse_batch_stride, p.lse_head_stride};
@@ -500,7 +502,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       p.window_right >= 0 ? min(seqlen_k, last_q + diag + p.window_right + 1) : seqlen_k;
   const int tile_lo = key_lo / kBN;
   const int num_tiles = key_hi > key_lo ? (key_hi + kBN - 1) / kBN - tile_lo : 0;
-  const int per_split = (num_tiles + p.num_splits - 1) / p.num_splits;
+  const int per_split = max((num_tiles + p.num_splits - 1) / p.num_splits, p.min_tiles_per_split);
+  // Splits holding tiles (at least one, so that a row block without keys is still written).
+  // The others have nothing to contribute: they leave at once, and the last live split merges.
+  const int live_splits = max(1, (num_tiles + per_split - 1) / per_split);
+  if (split >= live_splits) return;
   const int t_begin = tile_lo + split * per_split;
   const int t_end = min(t_begin + per_split, tile_lo + num_tiles);
 
@@ -664,7 +670,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   __syncthreads();
 
   const float v_scale = Cfg::kFp8 ? *p.v_scale : 1.f;
-  const bool partial = p.num_splits > 1;
+  // One live split writes the result itself; several write partials for the last to merge.
+  const bool partial = live_splits > 1;
   constexpr int kQuads = Cfg::kHeadDim / 4;  // 4 output values per thread and step
 #pragma unroll
   for (int i = 0; i < (kBM * kQuads + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
@@ -718,7 +725,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       if (col == 0) p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + pos] = lse;
     }
   }
-  if (partial) fold_splits_if_last<Cfg>(p, b, kv_head, m_block, r0, rows_here, group);
+  if (partial) {
+    fold_splits_if_last<Cfg>(p, b, kv_head, m_block, live_splits, r0, rows_here, group);
+  }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -132,8 +132,10 @@ def prefill_logits(model, ids):
     device = model.embed_tokens.weight.device
     blocks = -(-len(ids) // 16)
     caches = allocate_kv_cache(model, blocks, 16, device)
-    meta = AttentionMetadata(chunks=[(0, len(ids), 0)], chunk_block_table=torch.arange(
-        blocks, dtype=torch.int32, device=device)[None])
+    # One chunk of len(ids) tokens in blocks 0, 1, ...: token t goes to slot t.
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(len(ids), device=device), chunks=[(0, len(ids), len(ids))],
+        chunk_block_table=torch.arange(blocks, dtype=torch.int32, device=device)[None])
     with torch.inference_mode():
         hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device),
                        meta, caches)
