@@ -64,6 +64,10 @@ class BlockManager:
         # Per-sequence hashes of its full blocks (token contents never change, so they survive
         # preemption): request_id -> list of hashes.
         self._hashes: dict = {}
+        # Per-sequence count of leading blocks already offered to the prefix cache, so each
+        # step looks only at blocks that filled since (request_id -> int; reset when the
+        # sequence's blocks are released).
+        self._offered: dict = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -157,8 +161,12 @@ class BlockManager:
             return
         bs = self.block_size
         num_full_blocks = seq.num_computed_tokens // bs
+        first = self._offered.get(seq.request_id, 0)
+        if first >= num_full_blocks:
+            return
         hashes = self._block_hashes(seq, num_full_blocks)
-        for i in range(num_full_blocks):
+        self._offered[seq.request_id] = num_full_blocks
+        for i in range(first, num_full_blocks):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None or hashes[i] in self.cached:
                 continue  # already cached (maybe a duplicate computed in parallel)
@@ -178,6 +186,7 @@ class BlockManager:
                     self.free.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        self._offered.pop(seq.request_id, None)
 
     def forget(self, seq: Sequence) -> None:
         """Drop the bookkeeping of a sequence that has left the engine."""

@@ -168,6 +168,11 @@ class LLM:
     def step(self) -> list:
         """Run one engine step; returns a RequestOutput (cumulative) for every request that
         produced a token."""
+        return [self._output(seq, metrics) for seq, metrics in self._advance()]
+
+    def _advance(self) -> list:
+        """Run one engine step; returns ``(sequence, metrics)`` of every request that produced
+        a token (outputs are built only for the requests a caller needs)."""
         if not self._requests:
             return []
         batch = self.scheduler.schedule()
@@ -177,7 +182,7 @@ class LLM:
         sampled_seqs, tokens = self.runner.execute(batch)
         self.scheduler.complete(batch)
         now = time.perf_counter()
-        outputs = []
+        advanced = []
         for seq, token in zip(sampled_seqs, tokens, strict=True):
             seq.token_ids.append(token)
             metrics = self._requests[seq.request_id][1]
@@ -187,8 +192,8 @@ class LLM:
             if seq.is_finished:
                 metrics.finished_time = now
                 del self._requests[seq.request_id]
-            outputs.append(self._output(seq, metrics))
-        return outputs
+            advanced.append((seq, metrics))
+        return advanced
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -252,10 +257,10 @@ class LLM:
         start, generated = time.perf_counter(), 0
         try:
             while self._requests:
-                for out in self.step():
+                for seq, metrics in self._advance():
                     generated += 1
-                    if out.finished:
-                        finished[out.request_id] = out
+                    if seq.is_finished:
+                        finished[seq.request_id] = self._output(seq, metrics)
                         bar.update(1)
                 bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}",
                                 refresh=False)

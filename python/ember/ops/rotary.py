@@ -35,6 +35,9 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True, *, backend="a
     check_tensor(op, "cos_sin_cache", cos_sin_cache, dtypes=(torch.float32, q.dtype), ndim=2,
                  device=dev, contiguous=True)
     max_pos, rotary_dim = cos_sin_cache.shape
+    if max_pos == 0:
+        raise ValueError(f"{op}: cos_sin_cache needs at least one position (row), got shape "
+                         f"{tuple(cos_sin_cache.shape)}")
     if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
         raise ValueError(f"{op}: cos_sin_cache's rotary_dim (dim 1) must be even and in "
                          f"[2, head_dim={head_dim}], got {rotary_dim}")
