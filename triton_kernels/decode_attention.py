@@ -43,7 +43,7 @@ def _kvcache_attn_kernel(
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
     heads_kv, seqlen_q, group, page_size,
-    softmax_scale, window_left, window_right, num_splits, min_tiles_per_split,
+    softmax_scale, window_left, window_right, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     TREE: tl.constexpr, FP8: tl.constexpr,
@@ -80,7 +80,7 @@ def _kvcache_attn_kernel(
     tile_lo = lo // BLOCK_N
     num_tiles = tl.maximum((hi + BLOCK_N - 1) // BLOCK_N - tile_lo, 0)
     # The partition rule of ember.ops._split_kv, applied to this sequence's own tiles.
-    per_split = tl.maximum((num_tiles + num_splits - 1) // num_splits, min_tiles_per_split)
+    per_split = (num_tiles + num_splits - 1) // num_splits
     t_begin = tile_lo + split * per_split
     t_end = tl.minimum(t_begin + per_split, tile_lo + num_tiles)
 
@@ -225,9 +225,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
 
     block_m, block_n, block_d, num_warps = _tile_config(head_dim, group * seqlen_q)
     m_blocks = math.ceil(group * seqlen_q / block_m)
-    plan = plan_splits(sm_count(q.device), batch, heads_kv, capacity, block_n,
-                       num_splits=num_splits, m_blocks=m_blocks)
-    splits = plan.num_splits
+    splits = plan_splits(sm_count(q.device), batch, heads_kv, capacity, block_n,
+                         num_splits=num_splits, m_blocks=m_blocks).num_splits
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
@@ -252,7 +251,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         *(tree_mask.stride() if tree_mask is not None else (0, 0, 0)),
         *part_strides[0], *part_strides[1],
         heads_kv, seqlen_q, group, k_cache.shape[1],
-        softmax_scale, window_left, window_right, splits, plan.min_tiles_per_split,
+        softmax_scale, window_left, window_right, splits,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=paged, WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0,
         TREE=tree_mask is not None, FP8=fp8,

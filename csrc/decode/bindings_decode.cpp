@@ -24,10 +24,11 @@ void bind_decode(py::module_& m) {
       [](intptr_t q, intptr_t k_cache, intptr_t v_cache, intptr_t seqlens_k, intptr_t block_table,
          intptr_t tree_mask, intptr_t k_scale, intptr_t v_scale, intptr_t out, intptr_t lse,
          intptr_t out_part, intptr_t lse_part, intptr_t split_counters, int batch, int seqlen_q,
-         int heads_q, int heads_kv, int head_dim, int num_splits, int min_tiles_per_split,
-         int page_size, int max_blocks, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides, py::tuple out_strides, py::tuple lse_strides,
-         py::tuple part_strides, py::tuple lse_part_strides, double softmax_scale,
-         int window_left, int window_right, int dtype, int cache_dtype, intptr_t stream) {
+         int heads_q, int heads_kv, int head_dim, int num_splits, int page_size, int max_blocks,
+         py::tuple q_strides, py::tuple k_strides, py::tuple v_strides, py::tuple out_strides,
+         py::tuple lse_strides, py::tuple part_strides, py::tuple lse_part_strides,
+         double softmax_scale, int window_left, int window_right, int dtype, int cache_dtype,
+         intptr_t stream) {
         DecodeParams p{};
         p.q = ptr_arg<const void>(q);
         p.k_cache = ptr_arg<const void>(k_cache);
@@ -48,7 +49,6 @@ void bind_decode(py::module_& m) {
         p.heads_kv = heads_kv;
         p.head_dim = head_dim;
         p.num_splits = num_splits;
-        p.min_tiles_per_split = min_tiles_per_split;
         set_page_size(p, page_size);
         p.max_blocks = max_blocks;
         // (batch, row, head) strides in elements; for a paged cache, (block, slot, head).
@@ -89,12 +89,15 @@ void bind_decode(py::module_& m) {
          py::tuple b_strides, py::tuple out_strides, int64_t lse_a_head_stride,
          int64_t lse_b_head_stride, int64_t lse_head_stride, int dtype, intptr_t stream) {
         // [tokens, heads, d] rows with (token, head) strides; lse [heads, tokens]. One "batch".
-        const StateRows<const void> a{ptr_arg<const void>(out_a), ptr_arg<const float>(lse_a), 0, stride_arg(a_strides, 0),
-                                      stride_arg(a_strides, 1), 0, lse_a_head_stride};
-        const StateRows<const void> b{ptr_arg<const void>(out_b), ptr_arg<const float>(lse_b), 0, stride_arg(b_strides, 0),
-                                      stride_arg(b_strides, 1), 0, lse_b_head_stride};
+        const StateRows<const void> a{ptr_arg<const void>(out_a), ptr_arg<const float>(lse_a), 0,
+                                      stride_arg(a_strides, 0), stride_arg(a_strides, 1), 0,
+                                      lse_a_head_stride};
+        const StateRows<const void> b{ptr_arg<const void>(out_b), ptr_arg<const float>(lse_b), 0,
+                                      stride_arg(b_strides, 0), stride_arg(b_strides, 1), 0,
+                                      lse_b_head_stride};
         const StateRows<void> o{ptr_arg<void>(out), ptr_arg<float>(lse), 0,
-                                stride_arg(out_strides, 0), stride_arg(out_strides, 1), 0, lse_head_stride};
+                                stride_arg(out_strides, 0), stride_arg(out_strides, 1), 0,
+                                lse_head_stride};
         merge_attn_states(a, b, o, 1, tokens, heads, head_dim, dtype, stream);
       },
       "Merge two attention states by their LSE (raw pointers; use ember.ops.merge_attn_states)");

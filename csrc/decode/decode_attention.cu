@@ -46,9 +46,7 @@ void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
   if (p.batch > 65535 || p.heads_kv > 65535) {  // grid.z and grid.y
     throw std::invalid_argument(op + "at most 65535 sequences and 65535 kv heads");
   }
-  if (p.num_splits < 1 || p.min_tiles_per_split < 1) {
-    throw std::invalid_argument(op + "num_splits and min_tiles_per_split must be >= 1");
-  }
+  if (p.num_splits < 1) throw std::invalid_argument(op + "num_splits must be >= 1");
   if (p.num_splits > 1 &&
       (p.out_part == nullptr || p.lse_part == nullptr || p.split_counters == nullptr)) {
     throw std::invalid_argument(op + "num_splits > 1 needs the out_part/lse_part/split_counters "

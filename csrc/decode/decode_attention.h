@@ -42,9 +42,6 @@ struct DecodeParams {
 
   int batch, seqlen_q, heads_q, heads_kv, head_dim;
   int num_splits;
-  // A non-empty split takes at least this many KV tiles (ember.ops._split_kv's rule), so a
-  // short sequence uses fewer splits than the grid has; splits past its last are idle.
-  int min_tiles_per_split;
   int page_size, max_blocks;          // paged caches only
   uint32_t page_div_mul, page_div_shift;  // key / page_size as (umulhi(key, mul) >> shift)
 

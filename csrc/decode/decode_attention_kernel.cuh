@@ -35,8 +35,9 @@
 //     masks (sequence end, causal/window bounds around the bottom-right diagonal, tree mask over
 //     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
 //   * Split-KV: split s of S takes tiles [s * P, (s + 1) * P) of the T tiles the block's rows
-//     can see, P = max(ceil(T / S), min_tiles_per_split) (ember.ops._split_kv's rule); splits
-//     past the last one holding tiles leave at once. With one live split, it writes the result
+//     can see, P = ceil(T / S) (ember.ops._split_kv's rule); splits past the last one holding
+//     tiles (the split count is planned for the cache's capacity, a sequence may be shorter)
+//     leave at once. With one live split, it writes the result
 //     directly. With several, each writes its float32 partial output and LSE (a row that saw
 //     no key: only lse = -inf), then counts itself in on its row block's counter; the last to
 //     arrive folds them with the math of merge_attn_states (merge_row.cuh) and writes the
@@ -502,10 +503,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       p.window_right >= 0 ? min(seqlen_k, last_q + diag + p.window_right + 1) : seqlen_k;
   const int tile_lo = key_lo / kBN;
   const int num_tiles = key_hi > key_lo ? (key_hi + kBN - 1) / kBN - tile_lo : 0;
-  const int per_split = max((num_tiles + p.num_splits - 1) / p.num_splits, p.min_tiles_per_split);
+  const int per_split = (num_tiles + p.num_splits - 1) / p.num_splits;
   // Splits holding tiles (at least one, so that a row block without keys is still written).
   // The others have nothing to contribute: they leave at once, and the last live split merges.
-  const int live_splits = max(1, (num_tiles + per_split - 1) / per_split);
+  const int live_splits = num_tiles == 0 ? 1 : (num_tiles + per_split - 1) / per_split;
   if (split >= live_splits) return;
   const int t_begin = tile_lo + split * per_split;
   const int t_end = min(t_begin + per_split, tile_lo + num_tiles);

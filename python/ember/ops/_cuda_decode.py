@@ -47,9 +47,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     packed_rows = heads_q // heads_kv * seqlen_q
     block_m, block_n = ext.decode_tile_shape(head_dim, packed_rows)
-    plan = plan_splits(sm_count(q.device), batch, heads_kv, capacity, block_n,
-                       num_splits=num_splits, m_blocks=math.ceil(packed_rows / block_m))
-    splits = plan.num_splits
+    splits = plan_splits(sm_count(q.device), batch, heads_kv, capacity, block_n,
+                         num_splits=num_splits,
+                         m_blocks=math.ceil(packed_rows / block_m)).num_splits
 
     q, k_cache, v_cache = (with_16b_aligned_rows(t) for t in (q, k_cache, v_cache))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -67,7 +67,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens_k.data_ptr(),
         _ext.ptr(block_table), _ext.ptr(tree_mask), _ext.ptr(k_scale), _ext.ptr(v_scale),
         out.data_ptr(), lse.data_ptr(), _ext.ptr(out_part), _ext.ptr(lse_part), _ext.ptr(counters),
-        batch, seqlen_q, heads_q, heads_kv, head_dim, splits, plan.min_tiles_per_split,
+        batch, seqlen_q, heads_q, heads_kv, head_dim, splits,
         k_cache.shape[1] if paged else 0, block_table.shape[1] if paged else 0,
         q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],
         lse.stride()[:2],

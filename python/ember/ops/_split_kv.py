@@ -9,8 +9,7 @@ split of a row block to finish merges them, the Triton backend runs a second sma
 
 Partition rule (every backend follows it, so results do not depend on the backend's grid): a
 sequence whose attended keys span ``T`` KV tiles of ``block_n`` keys gives split ``s`` the tiles
-``[s * P, min((s + 1) * P, T))`` with ``P = max(ceil(T / S), min_tiles_per_split)``; splits
-past the end are empty and must
+``[s * ceil(T / S), min((s + 1) * ceil(T / S), T))``; splits past the end are empty and must
 write ``lse = -inf`` so that merging ignores them (the Triton backend also zeroes their partial
 output, which its merge weighs by 0; the CUDA merge skips them unread). ``T`` is taken
 per sequence in the kernel (from ``cache_seqlens``, read on the device), while the split count
@@ -53,23 +52,11 @@ EFFICIENCY_SLACK = 0.95
 NOMINAL_SMS = 132
 
 
-# Auto-planned splits take at least this many tiles each. The split count is planned from the
-# cache's capacity (shapes only, for CUDA graphs), so a short sequence in a long cache would
-# otherwise spread its few tiles one per split and pay a merge for each; with the floor, a
-# sequence of at most MIN_TILES_PER_SPLIT tiles (256 keys at block_n = 64) runs in one split,
-# which in the CUDA kernel writes its output directly, with no merge at all. Long sequences
-# are unaffected (their ceil(T / S) is larger).
-MIN_TILES_PER_SPLIT = 4
-
-
 class SplitPlan(NamedTuple):
     """``num_splits`` programs per (batch, kv head, query block); ``tiles_per_split`` KV tiles
-    each for the longest possible sequence (shorter sequences re-divide their own tiles, but
-    each non-empty split takes at least ``min_tiles_per_split``: 1 when the caller chose the
-    split count, which is then honoured exactly)."""
+    each for the longest possible sequence (shorter sequences re-divide their own tiles)."""
     num_splits: int
     tiles_per_split: int
-    min_tiles_per_split: int = 1
 
 
 @functools.cache
@@ -105,10 +92,8 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
         return SplitPlan(num_splits, max(1, math.ceil(tiles / num_splits)))
     slots = PROGRAMS_PER_SM * num_sms
     work = batch * heads_kv * m_blocks
-    # More splits than this would leave some empty even for a sequence filling the cache.
-    most = min(MAX_AUTO_SPLITS, math.ceil(tiles / MIN_TILES_PER_SPLIT), 2 * slots // max(work, 1))
-    if most <= 1 or work >= FULL_ENOUGH * slots:
-        return SplitPlan(1, tiles, MIN_TILES_PER_SPLIT)
+    if tiles == 1 or work == 0 or work >= FULL_ENOUGH * slots:
+        return SplitPlan(1, tiles)
 
     def efficiency(s: int) -> float:
         # Fraction of the last wave of programs that is busy; 1.0 means whole waves.
@@ -118,9 +103,9 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
     # Beyond two waves of programs, more splits only add workspace traffic. A split count is
     # worth considering only if it shortens the longest split: otherwise the same wall time is
     # spent with more workspace traffic too.
+    most = min(MAX_AUTO_SPLITS, tiles, max(1, 2 * slots // work))
     candidates = [s for s in range(1, most + 1)
                   if s == 1 or math.ceil(tiles / s) < math.ceil(tiles / (s - 1))]
     best = max(efficiency(s) for s in candidates)
     chosen = next(s for s in candidates if efficiency(s) >= EFFICIENCY_SLACK * best)
-    return SplitPlan(chosen, max(math.ceil(tiles / chosen), MIN_TILES_PER_SPLIT),
-                     MIN_TILES_PER_SPLIT)
+    return SplitPlan(chosen, math.ceil(tiles / chosen))
