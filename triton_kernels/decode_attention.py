@@ -42,7 +42,7 @@ def _kvcache_attn_kernel(
     stride_btb, stride_tmb, stride_tmq, stride_tmk,
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
-    heads_kv, seqlen_q, group, page_size,
+    heads_kv, seqlen_q, group, page_size, capacity,
     softmax_scale, window_left, window_right, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
@@ -55,7 +55,9 @@ def _kvcache_attn_kernel(
     kv_head = pid_bh % heads_kv
     b64 = b.to(tl.int64)
 
-    seqlen_k = tl.load(SEQLENS + b)
+    # Lengths past the cache are clamped: unchecked inside CUDA graphs, they must not become
+    # reads past the cache.
+    seqlen_k = tl.minimum(tl.load(SEQLENS + b), capacity)
     # Query row i sits on key i + diag (bottom-right alignment of causal masks and windows).
     diag = seqlen_k - seqlen_q
 
@@ -250,7 +252,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         block_table.stride(0) if paged else 0,
         *(tree_mask.stride() if tree_mask is not None else (0, 0, 0)),
         *part_strides[0], *part_strides[1],
-        heads_kv, seqlen_q, group, k_cache.shape[1],
+        heads_kv, seqlen_q, group, k_cache.shape[1], capacity,
         softmax_scale, window_left, window_right, splits,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=paged, WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0,

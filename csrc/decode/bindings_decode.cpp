@@ -25,8 +25,9 @@ void bind_decode(py::module_& m) {
          intptr_t tree_mask, intptr_t k_scale, intptr_t v_scale, intptr_t out, intptr_t lse,
          intptr_t out_part, intptr_t lse_part, intptr_t split_counters, int batch, int seqlen_q,
          int heads_q, int heads_kv, int head_dim, int num_splits, int page_size, int max_blocks,
-         py::tuple q_strides, py::tuple k_strides, py::tuple v_strides, py::tuple out_strides,
-         py::tuple lse_strides, py::tuple part_strides, py::tuple lse_part_strides,
+         int capacity, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides,
+         py::tuple out_strides, py::tuple lse_strides, py::tuple part_strides,
+         py::tuple lse_part_strides,
          double softmax_scale, int window_left, int window_right, int dtype, int cache_dtype,
          intptr_t stream) {
         DecodeParams p{};
@@ -51,6 +52,7 @@ void bind_decode(py::module_& m) {
         p.num_splits = num_splits;
         set_page_size(p, page_size);
         p.max_blocks = max_blocks;
+        p.capacity = capacity;
         // (batch, row, head) strides in elements; for a paged cache, (block, slot, head).
         p.q_batch_stride = stride_arg(q_strides, 0);
         p.q_row_stride = stride_arg(q_strides, 1);

@@ -43,6 +43,10 @@ struct DecodeParams {
   int batch, seqlen_q, heads_q, heads_kv, head_dim;
   int num_splits;
   int page_size, max_blocks;          // paged caches only
+  // Keys one sequence's cache holds (max_len, or max_blocks * page_size). seqlens_k above it
+  // are clamped: the public op rejects them on the host, but inside a captured CUDA graph no
+  // value is checked, and a bad length must not turn into reads past the cache.
+  int capacity;
   uint32_t page_div_mul, page_div_shift;  // key / page_size as (umulhi(key, mul) >> shift)
 
   int64_t q_batch_stride, q_row_stride, q_head_stride;

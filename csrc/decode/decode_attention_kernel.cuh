@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int group = p.heads_q / p.heads_kv;
   const int r0 = m_block * kBM;
   const int rows_here = min(kBM, group * p.seqlen_q - r0);
-  const int seqlen_k = p.seqlens_k[b];
+  const int seqlen_k = min(p.seqlens_k[b], p.capacity);
   const int diag = seqlen_k - p.seqlen_q;  // query position i sits on key i + diag
   const int first_q = r0 / group;
   const int last_q = (r0 + rows_here - 1) / group;

@@ -266,6 +266,37 @@ def test_kvcache_attention_split_count_invariance(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_kernels_clamp_lengths_past_the_cache(backend, device, paged):
+    """Inside a CUDA graph no length is checked on the host; a kernel handed cache_seqlens past
+    the cache attends to the whole cache instead of reading beyond it."""
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    from ember.ops import _registry
+
+    capacity, block = 96, 16
+    q = torch.randn(3, 1, 4, 64, device=device, dtype=torch.float16)
+    if paged:
+        k_cache = torch.randn(3 * capacity // block, block, 2, 64, device=device,
+                              dtype=torch.float16)
+        table = torch.randperm(k_cache.shape[0], device=device, dtype=torch.int32).view(3, -1)
+    else:
+        k_cache = torch.randn(3, capacity, 2, 64, device=device, dtype=torch.float16)
+        table = None
+    v_cache = torch.randn_like(k_cache)
+    lengths = torch.tensor([1 << 30, capacity + 1, 50], device=device, dtype=torch.int32)
+    kernel = _registry.implementation("flash_attn_with_kvcache", backend)
+    out, _ = kernel(q, k_cache, v_cache, lengths, table, 0.125, False, -1, -1, 0, None, None,
+                    None)
+    clamped = lengths.clamp(max=capacity)
+    ref = reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=clamped,
+                                            block_table=table, softmax_scale=0.125)
+    lowp = reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=clamped,
+                                             block_table=table, softmax_scale=0.125,
+                                             upcast=False)
+    assert_within_lowp_error(out, ref, lowp)
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
 def test_kvcache_attention_defaults(backend, device):
     """No cache_seqlens means the whole cache; the default scale is 1/sqrt(d); return_lse=False
     gives the output alone."""

@@ -68,7 +68,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         _ext.ptr(block_table), _ext.ptr(tree_mask), _ext.ptr(k_scale), _ext.ptr(v_scale),
         out.data_ptr(), lse.data_ptr(), _ext.ptr(out_part), _ext.ptr(lse_part), _ext.ptr(counters),
         batch, seqlen_q, heads_q, heads_kv, head_dim, splits,
-        k_cache.shape[1] if paged else 0, block_table.shape[1] if paged else 0,
+        k_cache.shape[1] if paged else 0, block_table.shape[1] if paged else 0, capacity,
         q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],
         lse.stride()[:2],
         out_part.stride()[:4] if out_part is not None else (0, 0, 0, 0),
