@@ -14,10 +14,10 @@ using merge::PairStates;
 
 constexpr int kWarpsPerBlock = 4;
 
-template <typename TIn, typename TOut, int kHeadDim, class States>
+template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    merge_states_kernel(const States states, const StateRows<TOut> out, int positions, int heads,
-                        int64_t rows) {
+    merge_states_kernel(const PairStates<T> states, const StateRows<T> out, int positions,
+                        int heads, int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;
   // Rows run over (batch, position, head), head fastest: consecutive warps write consecutive
@@ -25,27 +25,24 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int head = static_cast<int>(row % heads);
   const int64_t rest = row / heads;
   const int pos = static_cast<int>(rest % positions);
-  merge::merge_row<TIn, TOut, kHeadDim>(states, out, rest / positions, pos, head,
-                                        threadIdx.x & 31);
+  merge::merge_row<T, T, kHeadDim>(states, out, rest / positions, pos, head, threadIdx.x & 31);
 }
 
-template <typename TIn, typename TOut, class States>
-void launch_merge(const States& states, const StateRows<TOut>& out, int batch, int positions,
+template <typename T>
+void launch_merge(const PairStates<T>& states, const StateRows<T>& out, int batch, int positions,
                   int heads, int head_dim, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(batch) * positions * heads;
   if (rows == 0) return;
-  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  if (blocks > 0x7fffffff) throw std::invalid_argument("ember: merge_attn_states: too many rows");
-  const dim3 grid(static_cast<unsigned>(blocks));
+  const dim3 grid(grid_x((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, "merge_attn_states"));
   constexpr int kThreads = kWarpsPerBlock * 32;
   const auto launch = [&](auto kernel) {
     kernel<<<grid, kThreads, 0, stream>>>(states, out, positions, heads, rows);
   };
   switch (head_dim) {
-    case 64: launch(merge_states_kernel<TIn, TOut, 64, States>); break;
-    case 96: launch(merge_states_kernel<TIn, TOut, 96, States>); break;
-    case 128: launch(merge_states_kernel<TIn, TOut, 128, States>); break;
-    case 256: launch(merge_states_kernel<TIn, TOut, 256, States>); break;
+    case 64: launch(merge_states_kernel<T, 64>); break;
+    case 96: launch(merge_states_kernel<T, 96>); break;
+    case 128: launch(merge_states_kernel<T, 128>); break;
+    case 256: launch(merge_states_kernel<T, 256>); break;
     default:
       throw std::invalid_argument(
           "ember: merge_attn_states: head_dim must be 64, 96, 128 or 256, got " +
@@ -73,8 +70,8 @@ void merge_attn_states(const StateRows<const void>& a, const StateRows<const voi
                        int head_dim, int dtype, std::intptr_t stream) {
   EMBER_DISPATCH_HALF_TYPES(dtype, "merge_attn_states", [&] {
     const PairStates<scalar_t> states{typed<scalar_t>(a), typed<scalar_t>(b)};
-    launch_merge<scalar_t, scalar_t>(states, typed<scalar_t>(out), batch, positions, heads,
-                                     head_dim, as_stream(stream));
+    launch_merge<scalar_t>(states, typed<scalar_t>(out), batch, positions, heads, head_dim,
+                           as_stream(stream));
   });
 }
 

@@ -37,6 +37,14 @@ class Block:
         return f"Block({self.block_id}, ref={self.ref_count}, cached={self.hash is not None})"
 
 
+def block_tables(seqs: list) -> np.ndarray:
+    """int32 ``[len(seqs), longest table]``: each sequence's block table, zero-padded."""
+    tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
+    for row, seq in enumerate(seqs):
+        tables[row, :len(seq.block_table)] = seq.block_table
+    return tables
+
+
 def slot_mapping(tables: np.ndarray, rows: np.ndarray, positions: np.ndarray,
                  block_size: int) -> np.ndarray:
     """int64 cache slots of tokens at ``positions`` of the sequences whose block tables are

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from ember.engine.block_manager import slot_mapping
+from ember.engine.block_manager import block_tables, slot_mapping
 from ember.engine.sampler import fill_sampling_rows, sample_rows
 from ember.models.attention import AttentionMetadata
 
@@ -91,10 +91,7 @@ class DecodeGraphs:
     def run(self, seqs: list) -> list:
         """One decode step of ``seqs`` (each computes its last token); their new token ids."""
         n, size = len(seqs), self.size_for(len(seqs))
-        width = max(len(s.block_table) for s in seqs)
-        table = np.zeros((n, width), dtype=np.int32)
-        for row, seq in enumerate(seqs):
-            table[row, :len(seq.block_table)] = seq.block_table
+        table = block_tables(seqs)
         positions = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
         tokens = self.host_tokens.numpy()
         tokens[0, :n] = [s.token_ids[-1] for s in seqs]
@@ -112,7 +109,7 @@ class DecodeGraphs:
         for static, host in ((self.tokens, self.host_tokens), (self.seqlens, self.host_seqlens),
                              (self.floats, self.host_floats), (self.ints, self.host_ints)):
             static.copy_(host, non_blocking=True)
-        self.block_table[:n, :width].copy_(torch.from_numpy(table), non_blocking=True)
+        self.block_table[:n, :table.shape[1]].copy_(torch.from_numpy(table), non_blocking=True)
         graph, logits, token_ids = self.graphs[size]
         graph.replay()
         if self.sampler.needs_logit_edits(seqs):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ember.engine.block_manager import slot_mapping
+from ember.engine.block_manager import block_tables, slot_mapping
 from ember.engine.config import EngineConfig
 from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.sampler import Sampler
@@ -59,10 +59,7 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
     rows = np.repeat(np.arange(len(seqs)), n_arr)
     positions = (np.arange(int(n_arr.sum()), dtype=np.int64) - first_row[rows]
                  + np.asarray(starts, dtype=np.int64)[rows])
-    width = max(len(s.block_table) for s in seqs)
-    tables = np.zeros((len(seqs), width), dtype=np.int32)
-    for i, seq in enumerate(seqs):
-        tables[i, :len(seq.block_table)] = seq.block_table
+    tables = block_tables(seqs)
 
     def to_dev(array):
         return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
@@ -141,7 +138,6 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size = config.block_size
-        self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(model, num_blocks, config.block_size, self.device)
         self.sampler = Sampler(eos_token_ids, config.kernel_backend)
         self.graphs = None

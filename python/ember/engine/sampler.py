@@ -13,14 +13,11 @@ import torch
 
 from ember import ops
 
-# Rows of the packed parameter tensors.
-FLOAT_ROWS = ("temperature", "top_p", "min_p")
-INT_ROWS = ("top_k", "seed", "offset")
-
 
 def fill_sampling_rows(seqs: list, floats: np.ndarray, ints: np.ndarray) -> None:
     """Write the parameters of ``seqs`` into columns ``[0, len(seqs))`` of ``floats`` (float32
-    ``[3, >= n]``, rows FLOAT_ROWS) and ``ints`` (int64 ``[3, >= n]``, rows INT_ROWS)."""
+    ``[3, >= n]``: temperature, top_p, min_p) and ``ints`` (int64 ``[3, >= n]``: top_k, seed,
+    random-stream offset = tokens generated so far)."""
     n = len(seqs)
     floats[:, :n] = [[s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
                      [s.params.min_p for s in seqs]]

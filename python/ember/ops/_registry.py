@@ -99,6 +99,20 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     return preferred
 
 
+def resolve_supported(op: str, registry_op: str, backend: str, device: torch.device,
+                      unsupported: str | None) -> str:
+    """``resolve(registry_op, ...)`` for inputs the kernel backends may not take: with
+    ``unsupported`` (why the kernels cannot take them) "auto" picks torch, whatever
+    EMBER_BACKEND prefers, and an explicit kernel backend raises a ValueError naming ``op``."""
+    if unsupported is None:
+        return resolve(registry_op, backend, device)
+    chosen = resolve(registry_op, "torch" if backend == "auto" else backend, device)
+    if chosen != "torch":
+        raise ValueError(f"{op}: backend {chosen!r} does not support {unsupported}; "
+                         f"use backend='torch' or 'auto'")
+    return chosen
+
+
 def _device_ok(backend: str, device: torch.device) -> str | None:
     missing = _runtime_missing(backend)
     if missing:

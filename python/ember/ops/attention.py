@@ -106,7 +106,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     scale, causal, left, right = _check_options(op, softmax_scale, causal, window_size, head_dim)
     check_bool(op, "return_lse", return_lse)
 
-    chosen = _choose_backend(op, op, backend, q.device, kernel_unsupported(q.dtype, head_dim))
+    chosen = _registry.resolve_supported(op, op, backend, q.device,
+                                         kernel_unsupported(q.dtype, head_dim))
     if q.numel() == 0:
         out, lse = _flash_attn_fake(q, k, v, scale, causal, left, right, chosen)
     else:
@@ -188,8 +189,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         _check_block_table(op, block_table, lengths_k, block_size, k.shape[0])
 
     registry_op = "flash_attn_varlen_func.paged" if paged else op
-    chosen = _choose_backend(op, registry_op, backend, dev,
-                             kernel_unsupported(q.dtype, head_dim, block_size))
+    chosen = _registry.resolve_supported(op, registry_op, backend, dev,
+                                         kernel_unsupported(q.dtype, head_dim, block_size))
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
             left, right, block_table, chosen)
     if total_q == 0:
@@ -318,8 +319,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             raise ValueError(f"{op}: tree_mask needs cache_seqlens + new tokens >= seqlen_q "
                              f"({seqlen_q}) in every sequence, got {cached_min + num_new}")
 
-    chosen = _choose_backend(op, op, backend, dev,
-                             kernel_unsupported(q.dtype, head_dim, block_size if paged else None))
+    chosen = _registry.resolve_supported(
+        op, op, backend, dev, kernel_unsupported(q.dtype, head_dim, block_size if paged else None))
     if k is not None:
         _append_new_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale, chosen)
         seqlens = seqlens + num_new
@@ -364,7 +365,8 @@ def merge_attn_states(out_a, lse_a, out_b, lse_b, *, backend="auto"):
         check_tensor(op, name, lse, dtypes=(torch.float32,), shape=(heads, tokens), device=dev,
                      contiguous=True)
 
-    chosen = _choose_backend(op, op, backend, dev, kernel_unsupported(out_a.dtype, head_dim))
+    chosen = _registry.resolve_supported(op, op, backend, dev,
+                                         kernel_unsupported(out_a.dtype, head_dim))
     if out_a.numel() == 0:
         return _merge_fake(out_a, lse_a, out_b, lse_b, chosen)
     return torch.ops.ember.merge_attn_states(out_a, lse_a, out_b, lse_b, chosen)
@@ -383,18 +385,6 @@ def kernel_unsupported(dtype: torch.dtype, head_dim: int, block_size: int | None
     if block_size is not None and block_size % KERNEL_BLOCK_SIZE_MULTIPLE:
         return f"block_size {block_size} (kernels take multiples of {KERNEL_BLOCK_SIZE_MULTIPLE})"
     return None
-
-
-def _choose_backend(op, registry_op, backend, device, unsupported):
-    """The backend for ``registry_op``; inputs the kernels cannot take go to torch under
-    "auto" (whatever EMBER_BACKEND prefers) and are refused under an explicit kernel backend."""
-    if unsupported is None:
-        return _registry.resolve(registry_op, backend, device)
-    chosen = _registry.resolve(registry_op, "torch" if backend == "auto" else backend, device)
-    if chosen != "torch":
-        raise ValueError(f"{op}: backend {chosen!r} does not support {unsupported}; "
-                         f"use backend='torch' or 'auto'")
-    return chosen
 
 
 def _check_heads(op, heads_q, heads_kv, head_dim):

@@ -35,13 +35,9 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=No
     """
     op = "store_kvcache"
     _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    if k.dtype in HALF_DTYPES:
-        chosen = _registry.resolve(op, backend, k.device)
-    else:  # float32: only the torch reference takes it, and "auto" picks it
-        chosen = _registry.resolve(op, "torch" if backend == "auto" else backend, k.device)
-        if chosen != "torch":
-            raise ValueError(f"{op}: backend {chosen!r} takes float16/bfloat16 k and v, got "
-                             f"{k.dtype}; use backend='torch' or 'auto'")
+    # float32 only on the torch reference ("auto" picks it).
+    unsupported = None if k.dtype in HALF_DTYPES else f"dtype {k.dtype} (kernels take fp16/bf16)"
+    chosen = _registry.resolve_supported(op, op, backend, k.device, unsupported)
     torch.ops.ember.store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, chosen)
 
 
