@@ -25,12 +25,15 @@ def tiny_llama(tmp_path_factory):
     return folder, model
 
 
-@pytest.fixture
-def make_llm(tiny_llama):
-    """``make_llm(**engine_args)``: an LLM on the tiny Llama (CPU, float32 by default)."""
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def make_llm(request, tiny_llama):
+    """``make_llm(**engine_args)``: an LLM on the tiny Llama (CPU, float32 by default). Every
+    test using it runs twice: without and with async scheduling (which CUDA turns on by
+    default; on CPU it is exercised here)."""
 
     def make(**kwargs):
         kwargs.setdefault("num_kv_blocks", 256)
+        kwargs.setdefault("async_scheduling", request.param)
         return ember.LLM(str(tiny_llama[0]), **kwargs)
 
     return make

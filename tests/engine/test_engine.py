@@ -129,6 +129,34 @@ def test_unseeded_requests_differ_but_engine_seed_reproduces(make_llm):
     assert a == b and a[0] != a[1]
 
 
+def test_async_scheduling_runs_ahead_and_drops_rows_of_stopped_requests(make_llm):
+    """Decode steps are launched on the previous step's device tokens; a request that stops
+    (here on a stop token) while the next step runs gets no token from it, and the outputs
+    are those of synchronous stepping."""
+    prompts = random_prompts(6, VOCAB, [5, 12, 30], seed=14)
+    sync = make_llm(async_scheduling=False)
+    free = generated(sync.generate(token_prompts(prompts), GREEDY, use_tqdm=False))
+    # Stop each request on its 4th token (an id it has not produced before it, if any).
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[t[3]])
+              for t in free]
+    want = generated(sync.generate(token_prompts(prompts), params, use_tqdm=False))
+    assert any(len(t) < 12 for t in want)
+    llm = make_llm(async_scheduling=True)
+    launches = []
+    launch = llm.runner.launch
+
+    def spy(batch, input_ids=None):
+        launches.append(input_ids is not None)
+        return launch(batch, input_ids)
+
+    llm.runner.launch = spy
+    assert generated(llm.generate(token_prompts(prompts), params, use_tqdm=False)) == want
+    # Launched ahead: every step but the prompts' and those after a length limit.
+    assert sum(launches) >= len(launches) - 2
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert not llm.has_unfinished_requests() and llm.step() == []
+
+
 def test_add_request_step_and_abort_free_blocks(make_llm):
     llm = make_llm(num_kv_blocks=32)
     prompts = random_prompts(3, VOCAB, [20, 40, 5], seed=9)
@@ -193,7 +221,8 @@ def test_max_model_len_ends_generation(make_llm):
     assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
 
 
-def test_stop_token_ids_min_tokens_and_multiple_eos(tiny_llama, tmp_path):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stop_token_ids_min_tokens_and_multiple_eos(tiny_llama, tmp_path, async_scheduling):
     folder, hf = tiny_llama
     prompt = random_prompts(1, VOCAB, [9], seed=12)[0]
     free = hf_greedy(hf, prompt, 12)
@@ -203,7 +232,7 @@ def test_stop_token_ids_min_tokens_and_multiple_eos(tiny_llama, tmp_path):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     eos = [VOCAB - 1 if free[stop_at] != VOCAB - 1 else VOCAB - 2, free[stop_at]]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
-    llm = ember.LLM(str(tmp_path), num_kv_blocks=64)
+    llm = ember.LLM(str(tmp_path), num_kv_blocks=64, async_scheduling=async_scheduling)
     assert llm.eos_token_ids == eos
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     assert out[0].outputs[0].token_ids == free[:stop_at + 1]
@@ -295,8 +324,9 @@ def test_dummy_weights_load_random_model(make_llm):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cuda_graphs_match_eager_on_a_random_model(tmp_path, dtype):
-    """Decode through captured CUDA graphs gives eager mode's tokens (random weights, head_dim
-    64 so the kernels run; no checkpoint file needed)."""
+    """Decode through captured CUDA graphs, each step launched before the previous one's
+    tokens are read (async scheduling), gives eager synchronous mode's tokens (random weights,
+    head_dim 64 so the kernels run; no checkpoint file needed)."""
     config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 256,
               "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 512}
@@ -305,8 +335,9 @@ def test_cuda_graphs_match_eager_on_a_random_model(tmp_path, dtype):
     # remainder of the GPU to the first.
     args = dict(load_format="dummy", dtype=dtype, device="cuda", max_num_seqs=64, seed=3,
                 num_kv_blocks=512)
-    eager = ember.LLM(str(tmp_path), enforce_eager=True, **args)
-    graphs = ember.LLM(str(tmp_path), **args)
+    eager = ember.LLM(str(tmp_path), enforce_eager=True, async_scheduling=False, **args)
+    graphs = ember.LLM(str(tmp_path), **args)  # with async scheduling, CUDA's default
+    assert graphs.config.async_scheduling
     assert 32 in graphs.stats()["cuda_graph_batch_sizes"]
     # Same random weights in both engines.
     graphs.model.load_state_dict(eager.model.state_dict())

@@ -265,6 +265,27 @@ def test_kvcache_attention_split_count_invariance(backend, device):
         torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.cuda
+def test_cuda_split_counters_are_left_at_zero():
+    """The CUDA backend reuses its split-KV arrival counters across calls without zeroing them:
+    every launch must leave each counter it used at zero (idle splits, a sequence without
+    keys, one live split, more splits than tiles), and the results stay right."""
+    from ember.ops import _cuda_decode
+
+    for lens, splits in (((200, 5), 7), ((0, 300), 16), ((64, 1), 3), ((1000, 999), 2)):
+        args = make_inputs(Case(cache_lens=lens, new_kv=False, heads=(8, 2), num_splits=splits),
+                           torch.float16, "cuda")
+        for _ in range(2):
+            out = ember.ops.flash_attn_with_kvcache(**args, backend="cuda")
+            ref = reference.flash_attn_with_kvcache(**args)
+            lowp = reference.flash_attn_with_kvcache(**args, upcast=False)
+            assert_within_lowp_error(out, ref, lowp, name=f"lengths {lens}, {splits} splits")
+    torch.cuda.synchronize()
+    assert _cuda_decode._counters
+    for counters in _cuda_decode._counters.values():
+        assert int(torch.count_nonzero(counters)) == 0
+
+
 @pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
 @pytest.mark.parametrize("paged", [False, True])
 def test_kvcache_kernels_clamp_lengths_past_the_cache(backend, device, paged):

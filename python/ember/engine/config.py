@@ -23,6 +23,11 @@ class EngineConfig:
     enable_chunked_prefill: split long prompts over steps and mix them with decodes; without
         it a prompt is prefilled whole (so max_num_batched_tokens >= max_model_len).
     enforce_eager: never capture CUDA graphs.
+    async_scheduling: while a decode step runs on the device, schedule and launch the next one
+        (its input tokens are the running step's sampled ids, copied on the device), so the
+        host's per-step work overlaps the GPU's; None turns it on for CUDA devices. Rows of
+        requests that the running step finishes (EOS, stop strings) are computed once more
+        and dropped.
     kernel_backend: ``backend=`` of every ember.ops call ("auto", "cuda", "triton", "torch").
     gpu_memory_utilization: fraction of GPU memory the engine may use (weights, activations
         and the KV cache).
@@ -42,6 +47,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
     kernel_backend: str = "auto"
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
@@ -80,6 +86,11 @@ class EngineConfig:
             raise ValueError("device is cuda but no CUDA GPU is available")
         if self.device.type not in ("cuda", "cpu"):
             raise ValueError(f"device must be cuda or cpu, got {self.device}")
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.type == "cuda"
+        elif not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool or None, got "
+                             f"{self.async_scheduling!r}")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES.values():

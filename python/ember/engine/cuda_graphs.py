@@ -4,8 +4,8 @@ A decode-only step of ``n`` sequences replays the graph captured for the smalles
 ``>= n``; the extra rows are padding: no slot to store their K/V (-1) and no key to attend to.
 All the step's inputs live in static device buffers, filled from pinned host buffers by a few
 small copies (token ids, positions and slots; key counts; sampling parameters; block table);
-what comes back is the sampled token ids (and the logits, for the rare step whose sampling
-needs host-side edits).
+what comes back is the sampled token ids on the device (sampled outside the graph, from its
+logits, for the rare step whose sampling needs host-side edits).
 """
 
 import time
@@ -46,10 +46,13 @@ class DecodeGraphs:
                                        device=device)
         self.floats = torch.zeros(3, largest, dtype=torch.float32, device=device)
         self.ints = torch.zeros(3, largest, dtype=torch.int64, device=device)
-        self.host_tokens = _pinned((3, largest), torch.int64)
-        self.host_seqlens = _pinned((largest,), torch.int32)
-        self.host_floats = _pinned((3, largest), torch.float32)
-        self.host_ints = _pinned((3, largest), torch.int64)
+        # Their pinned host sources, two sets used in turn: with async scheduling a step is
+        # prepared while the previous one's copies may still be queued behind the step before.
+        # Two steps back, those copies ran before a step whose tokens reached the host.
+        self.host_inputs = [tuple(_pinned(t.shape, t.dtype) for t in
+                                  (self.tokens, self.seqlens, self.floats, self.ints))
+                            for _ in range(2)]
+        self._turn = 0
         self.graphs: dict = {}  # size -> (graph, logits, token ids)
         start = time.perf_counter()
         self._capture()
@@ -88,30 +91,37 @@ class DecodeGraphs:
         """The smallest captured batch size that fits ``batch_size`` decodes, if any."""
         return next((s for s in self.graphs if s >= batch_size), None)
 
-    def run(self, seqs: list) -> list:
-        """One decode step of ``seqs`` (each computes its last token); their new token ids."""
+    def run(self, seqs: list, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Launch one decode step of ``seqs`` (each computes its last token); returns their
+        new token ids, int64 on the device (not waited for).
+
+        ``input_ids`` (int64 on the device, one per sequence) replaces the sequences' last
+        token ids, for a step launched before the previous one's samples reached the host.
+        """
         n, size = len(seqs), self.size_for(len(seqs))
         table = block_tables(seqs)
         positions = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
-        tokens = self.host_tokens.numpy()
+        host = self.host_inputs[self._turn]
+        self._turn ^= 1
+        tokens, seqlens, floats, ints = (t.numpy() for t in host)
         tokens[0, :n] = [s.token_ids[-1] for s in seqs]
         tokens[1, :n] = positions
         tokens[2, :n] = slot_mapping(table, np.arange(n), positions, self.block_size)
         tokens[:, n:size] = [[0], [0], [-1]]
-        seqlens = self.host_seqlens.numpy()
         seqlens[:n] = positions + 1
         seqlens[n:size] = 0
-        fill_sampling_rows(seqs, self.host_floats.numpy(), self.host_ints.numpy())
+        fill_sampling_rows(seqs, floats, ints)
 
         # Whole static buffers are copied (a few KB): contiguous copies straight from pinned
-        # memory. The pinned buffers are rewritten only after the previous step's token ids
-        # reached the host, which follows these copies on the stream: no copy still reads them.
-        for static, host in ((self.tokens, self.host_tokens), (self.seqlens, self.host_seqlens),
-                             (self.floats, self.host_floats), (self.ints, self.host_ints)):
-            static.copy_(host, non_blocking=True)
+        # memory.
+        for static, pinned in zip((self.tokens, self.seqlens, self.floats, self.ints), host,
+                                  strict=True):
+            static.copy_(pinned, non_blocking=True)
+        if input_ids is not None:
+            self.tokens[0, :n].copy_(input_ids)
         self.block_table[:n, :table.shape[1]].copy_(torch.from_numpy(table), non_blocking=True)
         graph, logits, token_ids = self.graphs[size]
         graph.replay()
         if self.sampler.needs_logit_edits(seqs):
-            return self.sampler(logits[:n].clone(), seqs).tolist()
-        return token_ids[:n].tolist()
+            return self.sampler(logits[:n].clone(), seqs)
+        return token_ids[:n]

@@ -4,13 +4,16 @@ A request's path: ``add_request`` tokenizes the prompt into a Sequence and queue
 Scheduler; each ``step`` asks the Scheduler for a batch (which asks the BlockManager for KV
 blocks), has the ModelRunner compute it (model -> ``ember.ops`` kernels) and sample, then
 appends the new tokens, detokenizes them and checks the stop conditions. ``generate`` and
-``stream`` loop over ``step`` until their requests finish.
+``stream`` loop over ``step`` until their requests finish. With async scheduling, a step of
+decodes that needs nothing from the host is launched before the previous step's tokens are
+read, so the host's work hides behind the GPU's.
 """
 
 import random
 import time
 from collections.abc import Iterator
 
+import torch
 from tqdm.auto import tqdm
 
 from ember.engine.block_manager import BlockManager
@@ -23,6 +26,10 @@ from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
 from ember.models.loader import Checkpoint, load_model
 
+# The token id of a sequence's last position while the step that samples it is still running
+# (async scheduling); never a real id.
+PENDING_TOKEN = -1
+
 
 class LLM:
     """Load a model and generate from it.
@@ -30,8 +37,8 @@ class LLM:
     ``model`` is a Hugging Face folder, a ``.gguf`` file or a built-in alias
     ("smollm2-135m"); the keyword arguments are EngineConfig's (dtype, device, max_num_seqs,
     max_num_batched_tokens, max_model_len, block_size, enable_prefix_caching,
-    enable_chunked_prefill, enforce_eager, kernel_backend, gpu_memory_utilization,
-    num_kv_blocks, kv_cache_memory_cpu, load_format, seed).
+    enable_chunked_prefill, enforce_eager, async_scheduling, kernel_backend,
+    gpu_memory_utilization, num_kv_blocks, kv_cache_memory_cpu, load_format, seed).
 
     Example::
 
@@ -73,6 +80,7 @@ class LLM:
         self._requests: dict = {}  # request_id -> (Sequence, RequestMetrics), until finished
         self._seed_rng = random.Random(config.seed)
         self._next_id = 0
+        self._in_flight = None  # a launched step whose tokens are not read yet (StepOutput)
 
     def _requested_max_model_len(self) -> int:
         config, context = self.config, self.model_config.max_position_embeddings
@@ -172,19 +180,87 @@ class LLM:
 
     def _advance(self) -> list:
         """Run one engine step; returns ``(sequence, metrics)`` of every request that produced
-        a token (outputs are built only for the requests a caller needs)."""
+        a token (outputs are built only for the requests a caller needs).
+
+        With async scheduling the step whose tokens this returns may already be running (it
+        was launched by the previous call); before waiting for it, the step after it is
+        launched when that needs none of its tokens on the host (``_rows_to_run_ahead``).
+        """
         if not self._requests:
+            if self._in_flight is not None:
+                # Only rows of finished or aborted requests; wait for it all the same, so its
+                # pinned buffers are free when they come round again.
+                self._in_flight.token_ids()
+                self._in_flight = None
             return []
-        batch = self.scheduler.schedule()
+        step = self._in_flight or self._launch(self.scheduler.schedule())
+        self._in_flight = None
+        next_batch = None
+        rows = self._rows_to_run_ahead(step)
+        if rows is not None:
+            seqs = [step.seqs[i] for i in rows]
+            for seq in seqs:
+                seq.token_ids.append(PENDING_TOKEN)
+            next_batch = self.scheduler.schedule()
+            if next_batch.seqs != seqs:
+                raise RuntimeError("async scheduling: the step scheduled ahead is not the "
+                                   "running sequences' decodes")
+            input_ids = step.device_tokens
+            if len(rows) < len(step.seqs):
+                input_ids = input_ids[torch.tensor(rows, device=input_ids.device)]
+            self._in_flight = self.runner.launch(next_batch, input_ids=input_ids)
+        advanced = self._finish(step)
+        if next_batch is not None:
+            # After _finish: its blocks can enter the prefix cache once their tokens are known.
+            self.scheduler.complete(next_batch)
+        return advanced
+
+    def _launch(self, batch):
         if not batch:  # the scheduler guarantees progress; never spin silently
             raise RuntimeError(f"the scheduler found nothing to run for "
                                f"{len(self._requests)} unfinished requests")
-        sampled_seqs, tokens = self.runner.execute(batch)
+        step = self.runner.launch(batch)
         self.scheduler.complete(batch)
+        return step
+
+    def _rows_to_run_ahead(self, step) -> list | None:
+        """The rows of ``step`` whose sequences can decode again before ``step``'s tokens are
+        known, or None. The next step is known without those tokens when it is a decode of
+        each running sequence, whatever its token: every running sequence samples in ``step``
+        (those finished since are left out), nothing waits to be admitted, no sequence can
+        reach its length limit or still be below min_tokens with that token (both change what
+        the next step does), and the blocks it needs are free (no preemption).
+        """
+        if not (self.config.async_scheduling and step.seqs) or self.scheduler.waiting:
+            return None
+        rows = [i for i, seq in enumerate(step.seqs) if not seq.is_finished]
+        running = self.scheduler.running
+        if len(running) != len(rows) or any(seq is not step.seqs[i]
+                                            for seq, i in zip(running, rows)):
+            return None
+        if not rows or len(rows) > self.config.max_num_batched_tokens:
+            return None
+        bs, new_blocks = self.config.block_size, 0
+        for seq in running:
+            generated = seq.num_output_tokens + 1  # with the token ``step`` samples
+            if generated >= seq.max_tokens or generated < seq.params.min_tokens:
+                return None
+            new_blocks += -(-(len(seq) + 1) // bs) > len(seq.block_table)
+        return rows if new_blocks <= self.block_manager.num_free_blocks else None
+
+    def _finish(self, step) -> list:
+        """Wait for ``step``'s tokens, append them (filling the placeholders of a step run
+        ahead), detokenize and check the stop conditions."""
+        tokens = step.token_ids()
         now = time.perf_counter()
         advanced = []
-        for seq, token in zip(sampled_seqs, tokens, strict=True):
-            seq.token_ids.append(token)
+        for seq, token in zip(step.seqs, tokens, strict=True):
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            if seq.token_ids[-1] == PENDING_TOKEN:
+                seq.token_ids[-1] = token
+            else:
+                seq.token_ids.append(token)
             metrics = self._requests[seq.request_id][1]
             if metrics.first_token_time is None:
                 metrics.first_token_time = now

@@ -3,8 +3,9 @@ tensors, runs the model and samples; decode-only batches replay a CUDA graph of 
 (cuda_graphs.py).
 
 The batch metadata is built on the host from the sequences' block tables with numpy and copied
-to the device without waiting for it; the sampled token ids coming back are the one host sync
-of a step.
+to the device without waiting for it. ``launch`` returns at once with a StepOutput; its sampled
+token ids reach the host through a pinned buffer, and waiting for them is the one host sync of
+a step, which the engine can defer past the launch of the next step (async scheduling).
 """
 
 from dataclasses import dataclass
@@ -31,6 +32,27 @@ class StepInputs:
     sampling_seqs: list
 
 
+class StepOutput:
+    """A launched step's samples: ``seqs`` (the sequences that sample, in row order) and their
+    new token ids, int64 ``[len(seqs)]`` on the device (``device_tokens``) and, once the step
+    has run, on the host (``token_ids()``)."""
+
+    def __init__(self, seqs: list, device_tokens: torch.Tensor | None,
+                 host_tokens: torch.Tensor | None = None, ready: torch.cuda.Event | None = None):
+        self.seqs = seqs
+        self.device_tokens = device_tokens
+        self._host_tokens, self._ready = host_tokens, ready
+
+    def token_ids(self) -> list:
+        """The sampled ids as ints; waits for the step to finish."""
+        if not self.seqs:
+            return []
+        if self._ready is None:  # a CPU step has already run
+            return self.device_tokens.tolist()
+        self._ready.synchronize()
+        return self._host_tokens.tolist()
+
+
 def kv_block_bytes(model, block_size: int) -> int:
     """Bytes of one KV block over all layers (K and V)."""
     c = model.config
@@ -47,13 +69,16 @@ def allocate_kv_cache(model, num_blocks: int, block_size: int, device) -> list:
              torch.empty(shape, dtype=dtype, device=device)) for _ in range(c.num_layers)]
 
 
-def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepInputs:
-    """The flat tensors of a scheduled batch (see AttentionMetadata)."""
+def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
+                   input_ids: torch.Tensor | None = None) -> StepInputs:
+    """The flat tensors of a scheduled batch (see AttentionMetadata); ``input_ids`` (on the
+    device) replaces the token ids of an all-decode batch (see ``ModelRunner.launch``)."""
     seqs, counts = batch.seqs, batch.num_new_tokens
     starts = [s.num_computed_tokens for s in seqs]
-    input_ids = []
-    for seq, start, n in zip(seqs, starts, counts, strict=True):
-        input_ids += seq.token_ids[start:start + n]
+    if input_ids is None:
+        ids = []
+        for seq, start, n in zip(seqs, starts, counts, strict=True):
+            ids += seq.token_ids[start:start + n]
     n_arr = np.asarray(counts, dtype=np.int64)
     first_row = np.concatenate([[0], np.cumsum(n_arr)[:-1]]).astype(np.int64)
     rows = np.repeat(np.arange(len(seqs)), n_arr)
@@ -80,7 +105,7 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device)
     sampling = [i for i, (s, start, n) in enumerate(zip(seqs, starts, counts, strict=True))
                 if start + n == len(s)]
     return StepInputs(
-        input_ids=to_dev(np.asarray(input_ids, dtype=np.int64)),
+        input_ids=to_dev(np.asarray(ids, dtype=np.int64)) if input_ids is None else input_ids,
         positions=to_dev(positions),
         meta=meta,
         logits_rows=to_dev((first_row + n_arr - 1)[sampling]),
@@ -146,6 +171,13 @@ class ModelRunner:
                 model, self.kv_caches, self.sampler, max_num_seqs=config.max_num_seqs,
                 max_blocks_per_seq=-(-max_model_len // config.block_size),
                 block_size=config.block_size, device=self.device)
+        if self.device.type == "cuda":
+            # Pinned landing buffers of the sampled ids and their ready events, two used in
+            # turn: at most two launched steps are unread at once (async scheduling).
+            self._host_tokens = [torch.empty(config.max_num_seqs, dtype=torch.int64,
+                                             pin_memory=True) for _ in range(2)]
+            self._ready = [torch.cuda.Event() for _ in range(2)]
+            self._turn = 0
 
     @property
     def graph_batch_sizes(self) -> list:
@@ -162,15 +194,35 @@ class ModelRunner:
         return batch.num_decodes == len(batch.seqs) and all(
             s.num_computed_tokens + 1 == len(s) for s in batch.seqs)
 
+    def uses_graph(self, batch: ScheduledBatch) -> bool:
+        """Whether ``batch`` runs as a captured CUDA graph."""
+        return bool(self.graphs and self._all_decodes(batch)
+                    and self.graphs.size_for(len(batch.seqs)))
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple:
-        """Run one step; returns ``(sampling sequences, their new token ids)``."""
-        if self.graphs and self._all_decodes(batch) and self.graphs.size_for(len(batch.seqs)):
-            return batch.seqs, self.graphs.run(batch.seqs)
-        inputs = prepare_inputs(batch, self.block_size, self.device)
+    def launch(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> StepOutput:
+        """Start one step on the device; returns without waiting for it.
+
+        ``input_ids``: for an all-decode batch launched before the previous step's samples
+        reached the host, those samples (int64 on the device, one per sequence, in order); the
+        sequences' last token ids on the host are placeholders then.
+        """
+        if input_ids is not None and not self._all_decodes(batch):
+            raise RuntimeError("input_ids from the device need an all-decode batch")
+        if self.uses_graph(batch):
+            return self._output(batch.seqs, self.graphs.run(batch.seqs, input_ids))
+        inputs = prepare_inputs(batch, self.block_size, self.device, input_ids)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
         if not inputs.sampling_seqs:
-            return [], []
+            return StepOutput([], None)
         logits = self.model.compute_logits(hidden[inputs.logits_rows])
-        tokens = self.sampler(logits, inputs.sampling_seqs)
-        return inputs.sampling_seqs, tokens.tolist()
+        return self._output(inputs.sampling_seqs, self.sampler(logits, inputs.sampling_seqs))
+
+    def _output(self, seqs: list, device_tokens: torch.Tensor) -> StepOutput:
+        if self.device.type != "cuda":
+            return StepOutput(seqs, device_tokens)
+        turn, self._turn = self._turn, self._turn ^ 1
+        host = self._host_tokens[turn][:len(seqs)]
+        host.copy_(device_tokens, non_blocking=True)
+        self._ready[turn].record()
+        return StepOutput(seqs, device_tokens, host, self._ready[turn])

@@ -101,8 +101,11 @@ class Scheduler:
                               num_decodes=sum(1 for _, n in picked if n == 1))
 
     def complete(self, batch: ScheduledBatch) -> None:
-        """Record that ``batch`` ran: its tokens are computed and their full blocks cached."""
+        """Record that ``batch`` ran: its tokens are computed and their full blocks cached.
+        Sequences finished meanwhile (async scheduling: by the step before) are skipped."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
 

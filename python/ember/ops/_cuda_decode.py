@@ -4,11 +4,13 @@ kernels in ``csrc/decode/`` (through ``ember._C``).
 The public functions in ``ember.ops.attention`` have validated the inputs and resolved the
 defaults (see that module's docstring for what a backend may assume); this module turns tensors
 into pointers, strides, dtype codes and the current stream, allocates the outputs and the
-split-KV workspace (partials and arrival counters), and plans the split count with the rule
-every backend shares (``ember.ops._split_kv``), from shapes only: nothing here waits for the
-GPU, so the ops can be captured in CUDA graphs.
+split-KV workspace (partials; arrival counters are kept across calls), and plans the split count
+with the rule every backend shares (``ember.ops._split_kv``), from shapes only: nothing here
+waits for the GPU, so the ops can be captured in CUDA graphs. The launch path is kept short:
+at batch 1 a decode kernel runs for a few microseconds, about what a Python launch costs.
 """
 
+import functools
 import math
 
 import torch
@@ -45,24 +47,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     heads_kv = k_cache.shape[2]
     paged = block_table is not None
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
-    packed_rows = heads_q // heads_kv * seqlen_q
-    block_m, block_n = ext.decode_tile_shape(head_dim, packed_rows)
-    splits = plan_splits(sm_count(q.device), batch, heads_kv, capacity, block_n,
-                         num_splits=num_splits,
-                         m_blocks=math.ceil(packed_rows / block_m)).num_splits
+    splits, m_blocks = _launch_plan(sm_count(q.device), batch, seqlen_q, heads_q, heads_kv,
+                                    head_dim, capacity, num_splits)
 
     q, k_cache, v_cache = (with_16b_aligned_rows(t) for t in (q, k_cache, v_cache))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
+    stream = _ext.stream_of(q)
     out_part = lse_part = counters = None
     if splits > 1:
-        out_part = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(splits, batch, heads_q, seqlen_q, dtype=torch.float32,
-                               device=q.device)
-        # One arrival counter per (sequence, kv head, row block); the kernel's last split of
-        # each folds the partials and zeroes its counter again.
-        counters = torch.zeros(batch * heads_kv * math.ceil(packed_rows / block_m),
-                               dtype=torch.int32, device=q.device)
+        # One float32 workspace: the partial outputs, then their LSEs.
+        rows = batch * heads_q * seqlen_q
+        part = torch.empty(splits * rows * (head_dim + 1), dtype=torch.float32, device=q.device)
+        out_part = part[:splits * rows * head_dim].view(splits, *q.shape)
+        lse_part = part[splits * rows * head_dim:].view(splits, batch, heads_q, seqlen_q)
+        counters = _split_counters(q.device, stream, batch * heads_kv * m_blocks)
     ext.flash_attn_with_kvcache(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens_k.data_ptr(),
         _ext.ptr(block_table), _ext.ptr(tree_mask), _ext.ptr(k_scale), _ext.ptr(v_scale),
@@ -74,8 +73,40 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         out_part.stride()[:4] if out_part is not None else (0, 0, 0, 0),
         lse_part.stride()[:3] if lse_part is not None else (0, 0, 0),
         softmax_scale, window_left, window_right,
-        _ext.dtype_code(q), _ext.dtype_code(k_cache), _ext.stream_of(q))
+        _ext.dtype_code(q), _ext.dtype_code(k_cache), stream)
     return out, lse
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, num_splits):
+    """``(split count, row blocks per (sequence, kv head))`` of a decode launch, from shapes."""
+    packed_rows = heads_q // heads_kv * seqlen_q
+    block_m, block_n = _ext.load_extension().decode_tile_shape(head_dim, packed_rows)
+    m_blocks = math.ceil(packed_rows / block_m)
+    plan = plan_splits(num_sms, batch, heads_kv, capacity, block_n, num_splits=num_splits,
+                       m_blocks=m_blocks)
+    return plan.num_splits, m_blocks
+
+
+# Split-KV arrival counters (one per (sequence, kv head, row block)), per (device, stream).
+# They are zeroed once: the kernel leaves every counter it used at zero again (the last split
+# of a row block resets it), so later calls and graph replays need no memset. One set per
+# stream, since kernels on different streams may run at once; a CUDA graph captures its
+# capture stream's set, so two replays of graphs on different streams at the same time would
+# share it. An outgrown set is kept, never freed: a captured graph may still point at it.
+_counters: dict = {}
+_outgrown: list = []
+
+
+def _split_counters(device: torch.device, stream: int, count: int) -> torch.Tensor:
+    key = (device, stream)
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < count:
+        if counters is not None:
+            _outgrown.append(counters)
+        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _counters[key] = counters
+    return counters
 
 
 def merge_attn_states(out_a, lse_a, out_b, lse_b):
