@@ -49,6 +49,10 @@ import triton.language as tl
 # Tokens per chunk of the vocabulary, and warps per row (8 elements per thread per chunk).
 BLOCK_V = 2048
 NUM_WARPS = 8
+# Tokens per chunk of the max pass, which keeps only two values per lane: bigger chunks put
+# more loads in flight per round trip. At batch 1 one program streams the whole row, so the
+# pass is latency-bound (a 128k-token row in 2048-token chunks is 63 round trips in a row).
+MAX_BLOCK_V = 8192
 # Pivots per search pass (including the bracket's low end): each pass narrows it 8-fold.
 NUM_PIVOTS = 8
 # The filters count tokens in float32, exact up to 2^24.
@@ -206,14 +210,14 @@ def _gumbel_argmax(row_ptr, vocab, has_posinf, no_usable, row_max, scale, exp2_s
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
                    offsets_ptr, out_ptr, vocab, row_stride,
-                   BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+                   BLOCK_V: tl.constexpr, MAX_BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr):
     """Token of row ``program_id(0)``: logits ``[B, V]`` fp16/bf16/fp32 rows ``row_stride``
     elements apart; temperature, top_p, min_p float32 ``[B]``; top_k int32 ``[B]``; seeds,
     offsets int64 ``[B]``; out int64 ``[B]``."""
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
     temperature = tl.load(temperature_ptr + row)
-    raw_max, raw_argmax = _row_max(row_ptr, vocab, BLOCK_V)
+    raw_max, raw_argmax = _row_max(row_ptr, vocab, MAX_BLOCK_V)
     if temperature > 0:
         has_posinf = raw_max == POS_INF
         no_usable = raw_max == NEG_INF
@@ -269,7 +273,8 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, offsets):
         logits = logits.float()
     _sample_kernel[(batch,)](
         logits, temperature, top_k, top_p, min_p, seeds, offsets, out, vocab, logits.stride(0),
-        BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)), NUM_PIVOTS=NUM_PIVOTS,
+        BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)),
+        MAX_BLOCK_V=min(MAX_BLOCK_V, triton.next_power_of_2(vocab)), NUM_PIVOTS=NUM_PIVOTS,
         num_warps=NUM_WARPS,
     )
     return out
