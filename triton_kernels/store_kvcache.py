@@ -10,6 +10,16 @@ FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
+def store_to_cache(ptrs, x, scale_ptr, mask, FP8: tl.constexpr):
+    """Store x at the cache elements ``ptrs``: as it is, or into an fp8 cache as ``x / scale``
+    saturated to the e4m3 range (±448) and rounded to nearest even, as the torch reference does.
+    Shared with rotary_embedding_and_store_kvcache (rotary.py), so both quantise alike."""
+    if FP8:
+        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), tl.load(scale_ptr)), -FP8_MAX, FP8_MAX)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_kvcache_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -29,16 +39,8 @@ def _store_kvcache_kernel(
         v = tl.load(v_ptr + token * stride_vt + head * stride_vh + cols, mask=mask)
         kc = kc_ptr + block * stride_kcb + offset * stride_kcs + head * stride_kch + cols
         vc = vc_ptr + block * stride_vcb + offset * stride_vcs + head * stride_vch + cols
-        if FP8:
-            k_scale = tl.load(k_scale_ptr)
-            v_scale = tl.load(v_scale_ptr)
-            k8 = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
-            v8 = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
-            tl.store(kc, k8.to(kc_ptr.dtype.element_ty), mask=mask)
-            tl.store(vc, v8.to(vc_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(kc, k, mask=mask)
-            tl.store(vc, v, mask=mask)
+        store_to_cache(kc, k, k_scale_ptr, mask, FP8)
+        store_to_cache(vc, v, v_scale_ptr, mask, FP8)
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):

@@ -7,7 +7,11 @@
 // One CTA handles TOKENS_PER_CTA tokens; each thread moves one 16-byte input vector
 // (8 half-precision elements) of K and the matching one of V, so loads are coalesced along
 // head_dim and two independent loads are in flight per thread.
+#include <type_traits>
+
 #include "common/common.h"
+#include "common/vec.cuh"
+#include "kvcache/store_cache.cuh"
 #include "kvcache/store_kvcache.h"
 
 namespace ember {
@@ -16,22 +20,10 @@ namespace {
 constexpr int kVec = 8;  // 16-bit elements per 16-byte vector
 constexpr int kThreads = 256;
 
-template <typename T>
-struct alignas(16) Vec8 {
-  T v[kVec];
-};
-
-struct alignas(8) Fp8x8 {
-  __nv_fp8_storage_t v[kVec];
-};
-
-// Saturating round-to-nearest-even, like torch's clamp(-448, 448).to(float8_e4m3fn).
-__device__ __forceinline__ __nv_fp8_storage_t to_e4m3(float x, float scale) {
-  return __nv_cvt_float_to_fp8(__fdiv_rn(x, scale), __NV_SATFINITE, __NV_E4M3);
-}
-
-template <typename T, bool kFp8Cache>
+// TCache: T, or Fp8 for a float8_e4m3fn cache.
+template <typename T, typename TCache>
 __global__ void __launch_bounds__(kThreads) store_kvcache_kernel(StoreKVCacheParams p) {
+  constexpr bool kFp8Cache = std::is_same_v<TCache, Fp8>;
   const int64_t vecs_per_head = p.head_dim / kVec;
   const int64_t vecs_per_token = p.num_heads * vecs_per_head;
   const int64_t total = p.num_tokens * vecs_per_token;
@@ -49,27 +41,18 @@ __global__ void __launch_bounds__(kThreads) store_kvcache_kernel(StoreKVCachePar
     const int64_t block = slot / p.block_size;
     const int64_t offset = slot - block * p.block_size;
 
-    const auto kv = *reinterpret_cast<const Vec8<T>*>(
+    const Vec<T, kVec> kv = load_vec<kVec>(
         static_cast<const T*>(p.k) + token * p.k_stride_token + head * p.k_stride_head + col);
-    const auto vv = *reinterpret_cast<const Vec8<T>*>(
+    const Vec<T, kVec> vv = load_vec<kVec>(
         static_cast<const T*>(p.v) + token * p.v_stride_token + head * p.v_stride_head + col);
     const int64_t kc = block * p.kc_stride_block + offset * p.kc_stride_slot +
                        head * p.kc_stride_head + col;
     const int64_t vc = block * p.vc_stride_block + offset * p.vc_stride_slot +
                        head * p.vc_stride_head + col;
-    if constexpr (kFp8Cache) {
-      Fp8x8 ko, vo;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        ko.v[j] = to_e4m3(static_cast<float>(kv.v[j]), k_scale);
-        vo.v[j] = to_e4m3(static_cast<float>(vv.v[j]), v_scale);
-      }
-      *reinterpret_cast<Fp8x8*>(static_cast<__nv_fp8_storage_t*>(p.k_cache) + kc) = ko;
-      *reinterpret_cast<Fp8x8*>(static_cast<__nv_fp8_storage_t*>(p.v_cache) + vc) = vo;
-    } else {
-      *reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.k_cache) + kc) = kv;
-      *reinterpret_cast<Vec8<T>*>(static_cast<T*>(p.v_cache) + vc) = vv;
-    }
+    // The cache is taken to be dense (rows of head_dim, a multiple of 8), so the 8 elements at
+    // col, a multiple of 8, are aligned to their size: 16 bytes, or 8 in an fp8 cache.
+    store_cache_vec</*kAligned=*/true>(static_cast<TCache*>(p.k_cache) + kc, kv, k_scale);
+    store_cache_vec</*kAligned=*/true>(static_cast<TCache*>(p.v_cache) + vc, vv, v_scale);
   }
 }
 
@@ -85,9 +68,9 @@ void store_kvcache(const StoreKVCacheParams& p, int input_dtype, int cache_dtype
   if (!fp8 && cache_dtype != input_dtype) unsupported_dtype("store_kvcache(cache)", cache_dtype);
   EMBER_DISPATCH_HALF_TYPES(input_dtype, "store_kvcache", [&] {
     if (fp8) {
-      store_kvcache_kernel<scalar_t, true><<<blocks, kThreads, 0, as_stream(stream)>>>(p);
+      store_kvcache_kernel<scalar_t, Fp8><<<blocks, kThreads, 0, as_stream(stream)>>>(p);
     } else {
-      store_kvcache_kernel<scalar_t, false><<<blocks, kThreads, 0, as_stream(stream)>>>(p);
+      store_kvcache_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, as_stream(stream)>>>(p);
     }
   });
   check_launch("store_kvcache_kernel");

@@ -6,33 +6,20 @@
 // FLOPs (4 multiplies, 2 adds), 3 * (Hq + Hk) * rotary_dim FLOPs per token: under 1 FLOP/byte,
 // memory-bound; the bar is the copy bandwidth.
 //
-// One CTA per token handles all its q and k heads. The block is 2-D: threadIdx.x walks the
-// groups of pairs, threadIdx.y the heads, so a thread loads its group's cos/sin once and applies
-// it to every head it visits. Features past rotary_dim (partial rotary) are copied, since the
-// outputs are new tensors. Positions are clipped to [0, max_positions): an unchecked bad position
-// (they are never read on the host) rotates by a wrong angle but never reads out of bounds.
-//
-// With 16-byte aligned rows (and rotary_dim, head_dim whole numbers of vectors) a work item is
-// one 16-byte vector of each half (neox) or of interleaved pairs (gpt-j); otherwise one pair.
+// One CTA per token handles all its q and k heads (the work split of rotary.cuh). Features past
+// rotary_dim (partial rotary) are copied, since the outputs are new tensors. Positions are clipped
+// to [0, max_positions): an unchecked bad position (they are never read on the host) rotates by a
+// wrong angle but never reads out of bounds.
 #include <algorithm>
 #include <stdexcept>
-#include <type_traits>
 
 #include "common/common.h"
 #include "common/vec.cuh"
+#include "rotary/rotary.cuh"
 #include "rotary/rotary.h"
 
 namespace ember {
 namespace {
-
-constexpr int kMaxThreads = 512;
-
-// Pairs per work item: neox's two halves each fill a 16-byte vector; gpt-j's interleaved pairs
-// fill one between them.
-template <typename T>
-__host__ __device__ constexpr int pairs_per_item(bool neox, bool vectorized) {
-  return !vectorized ? 1 : neox ? kVec16<T> : kVec16<T> / 2;
-}
 
 template <typename T>
 struct HeadRows {
@@ -58,17 +45,8 @@ __device__ __forceinline__ HeadRows<T> head_rows(const RotaryParams& p, int64_t 
   return r;
 }
 
-// (a, b) -> (a cos - b sin, b cos + a sin) in float32, each product rounded on its own as in the
-// reference's tensor arithmetic (no FMA contraction): results match it bit for bit.
-template <typename T>
-__device__ __forceinline__ void rotate_pair(float a, float b, float cos, float sin, T& out_a,
-                                            T& out_b) {
-  out_a = from_float<T>(__fsub_rn(__fmul_rn(a, cos), __fmul_rn(b, sin)));
-  out_b = from_float<T>(__fadd_rn(__fmul_rn(b, cos), __fmul_rn(a, sin)));
-}
-
 template <typename T, typename TCache, typename TPos, bool kNeox, bool kVectorized>
-__global__ void __launch_bounds__(kMaxThreads) rotary_embedding_kernel(const RotaryParams p) {
+__global__ void __launch_bounds__(kRotaryMaxThreads) rotary_embedding_kernel(const RotaryParams p) {
   constexpr int kPairs = pairs_per_item<T>(kNeox, kVectorized);
   constexpr int kCopy = kVectorized ? kVec16<T> : 1;  // elements per pass-through item
   const int64_t token = blockIdx.x;
@@ -84,29 +62,8 @@ __global__ void __launch_bounds__(kMaxThreads) rotary_embedding_kernel(const Rot
     const Vec<TCache, kPairs> sin = load_vec<kPairs>(sin_row + g * kPairs);
     for (int h = threadIdx.y; h < heads; h += blockDim.y) {
       const HeadRows<T> r = head_rows<T>(p, token, h);
-      if constexpr (kNeox) {  // features g * kPairs + j and half + g * kPairs + j
-        const T* in = r.in + g * kPairs;
-        const Vec<T, kPairs> a = load_vec<kPairs>(in);
-        const Vec<T, kPairs> b = load_vec<kPairs>(in + half);
-        Vec<T, kPairs> out_a, out_b;
-#pragma unroll
-        for (int j = 0; j < kPairs; ++j) {
-          rotate_pair(to_float(a.v[j]), to_float(b.v[j]), to_float(cos.v[j]), to_float(sin.v[j]),
-                      out_a.v[j], out_b.v[j]);
-        }
-        store_vec(r.out + g * kPairs, out_a);
-        store_vec(r.out + g * kPairs + half, out_b);
-      } else {  // features 2 * (g * kPairs + j) and the one after
-        const int64_t first = 2 * g * kPairs;
-        const Vec<T, 2 * kPairs> ab = load_vec<2 * kPairs>(r.in + first);
-        Vec<T, 2 * kPairs> out;
-#pragma unroll
-        for (int j = 0; j < kPairs; ++j) {
-          rotate_pair(to_float(ab.v[2 * j]), to_float(ab.v[2 * j + 1]), to_float(cos.v[j]),
-                      to_float(sin.v[j]), out.v[2 * j], out.v[2 * j + 1]);
-        }
-        store_vec(r.out + first, out);
-      }
+      rotate_item<kNeox>(r.in, g, half, cos, sin,
+                         [&](int feature, const auto& out) { store_vec(r.out + feature, out); });
     }
   }
 
@@ -122,29 +79,19 @@ __global__ void __launch_bounds__(kMaxThreads) rotary_embedding_kernel(const Rot
 
 template <typename T, typename TCache>
 void launch_rotary(const RotaryParams& p, bool positions_int64, cudaStream_t stream) {
-  constexpr int kVec = kVec16<T>;
-  // Whole vectors of each neox half, or of interleaved gpt-j pairs, and of the copied tail.
-  const int rotary_multiple = p.is_neox ? 2 * kVec : kVec;
   const bool vectorized =
-      p.head_dim % kVec == 0 && p.rotary_dim % rotary_multiple == 0 &&
+      rotary_dims_vectorizable<T>(p.head_dim, p.rotary_dim, p.is_neox) &&
       rows_16b_aligned<T>(p.q, {{p.num_tokens, p.q_stride_token}, {p.heads_q, p.q_stride_head}}) &&
       rows_16b_aligned<T>(p.k, {{p.num_tokens, p.k_stride_token}, {p.heads_k, p.k_stride_head}}) &&
       rows_16b_aligned<T>(p.out_q, {{p.num_tokens * p.heads_q, p.head_dim}}) &&
       rows_16b_aligned<T>(p.out_k, {{p.num_tokens * p.heads_k, p.head_dim}}) &&
       rows_16b_aligned<TCache>(p.cos_sin_cache, {{p.max_positions, p.rotary_dim}});
-  const int groups = p.rotary_dim / 2 / pairs_per_item<T>(p.is_neox, vectorized);
-  const int heads = p.heads_q + p.heads_k;
-  dim3 block(std::min(groups, kMaxThreads));
-  block.y = std::clamp<int>(kMaxThreads / block.x, 1, heads);
+  const dim3 block = rotary_block<T>(p.rotary_dim, p.heads_q + p.heads_k, p.is_neox, vectorized);
   const unsigned blocks = grid_x(p.num_tokens, "rotary_embedding");
-  dispatch_bool(positions_int64, [&](auto int64_positions) {
-    using TPos = std::conditional_t<decltype(int64_positions)::value, int64_t, int32_t>;
-    dispatch_bool(p.is_neox, [&](auto neox) {
-      dispatch_bool(vectorized, [&](auto vec) {
-        rotary_embedding_kernel<T, TCache, TPos, decltype(neox)::value, decltype(vec)::value>
-            <<<blocks, block, 0, stream>>>(p);
-      });
-    });
+  dispatch_rotary_variant(positions_int64, p.is_neox, vectorized, [&](auto pos, auto neox,
+                                                                      auto vec) {
+    rotary_embedding_kernel<T, TCache, decltype(pos), decltype(neox)::value, decltype(vec)::value>
+        <<<blocks, block, 0, stream>>>(p);
   });
   check_launch("rotary_embedding_kernel");
 }

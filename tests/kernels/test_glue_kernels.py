@@ -10,7 +10,7 @@ support is unreliable, so bf16 Triton is covered on the GPU only.
 
 import pytest
 import torch
-from helpers import backends_to_test
+from helpers import assert_matches_reference, assert_unchanged, backends_to_test
 
 import ember
 from ember.ops import reference
@@ -30,49 +30,6 @@ def require_backend(op, backend, device, dtype=None):
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's CPU interpreter handles bfloat16 unreliably; bf16 Triton runs "
                     "on the GPU")
-
-
-def ordered_bits(t: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 values as integers in which neighbouring representable values differ by 1
-    (sign-magnitude bits to two's complement; +0 and -0 both map to 0)."""
-    bits = t.view(torch.int16).to(torch.int32)
-    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-
-# Float32 rounding of O(1) intermediate terms (inputs are randn): where a rotary pair nearly
-# cancels, this absolute error is many ulps of a tiny bf16/fp16 result, yet correct.
-FLOAT32_NOISE = 1e-6
-# Float32 results that differ by ~1e-7 relative (reduction order, FMA, approximate exp and
-# rsqrt on the GPU) round to different fp16/bf16 values for well under 0.1% of elements;
-# rounding at a different point than the reference (e.g. normalising the unrounded residual
-# sum, or rounding x * inv_rms before the weight) changes a fifth to a quarter of them.
-MAX_OFF_BY_ONE_FRACTION = 0.01
-
-
-def assert_matches_reference(out, ref, name="out"):
-    """``out`` agrees with the reference to one final rounding: see the module docstring."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype, (
-        f"{name}: got {tuple(out.shape)} {out.dtype}, want {tuple(ref.shape)} {ref.dtype}")
-    assert not out.isnan().any(), f"{name} has NaNs (unwritten or broken elements)"
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=5e-6, atol=FLOAT32_NOISE, msg=name)
-        return
-    ulps = (ordered_bits(out) - ordered_bits(ref)).abs()
-    bad = (ulps > 1) & ((out.float() - ref.float()).abs() > FLOAT32_NOISE)
-    if bad.any():
-        i = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(f"{name}: {int(bad.sum())} elements differ from the reference by "
-                             f"more than 1 ulp, e.g. at {list(i)}: {out[i].item()} vs "
-                             f"{ref[i].item()} ({int(ulps[i])} ulps)")
-    off = int((ulps > 0).sum())
-    allowed = 4 + MAX_OFF_BY_ONE_FRACTION * out.numel()
-    assert off <= allowed, (f"{name}: {off} of {out.numel()} elements differ from the reference "
-                            f"(at most {allowed:.0f} may, by 1 ulp): rounding at another point?")
-
-
-def assert_unchanged(inputs, originals):
-    for name, tensor in inputs.items():
-        assert torch.equal(tensor, originals[name]), f"the op modified its input {name}"
 
 
 def randn_rows(rows, hidden, dtype, device, layout="contiguous"):

@@ -58,6 +58,13 @@ def make_cases():
                              (torch.randint(0, 50, (6,)), randn(6, 4, 32, dtype=half),
                               randn(6, 2, 32, dtype=half),
                               reference.rotary_cos_sin_cache(50, 16), False)),
+        "rotary_embedding_and_store_kvcache": (
+            ember.ops.rotary_embedding_and_store_kvcache,
+            reference.rotary_embedding_and_store_kvcache,
+            (torch.randint(0, 50, (6,)), randn(6, 4, 32, dtype=half), randn(6, 2, 32, dtype=half),
+             randn(6, 2, 32, dtype=half), reference.rotary_cos_sin_cache(50, 16),
+             randn(3, 16, 2, 32, dtype=half), randn(3, 16, 2, 32, dtype=half),
+             torch.tensor([5, -1, 0, 40, 17, 2]), True, None, None)),
         "silu_and_mul": (ember.ops.silu_and_mul, reference.silu_and_mul,
                          (randn(4, 3, 64, dtype=half),)),
         "sample": (ember.ops.sample, reference.sample,

@@ -40,6 +40,20 @@ def test_store_kvcache_exact(backend, device, num_tokens, heads, head_dim, block
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_store_kvcache_strided_slot_mapping(backend, device):
+    """Slots that are a strided view (every other element of a wider tensor) are read by
+    token, not by memory offset."""
+    k, v, k_cache, v_cache, slots = make_case(device, torch.float16, 9, 2, 64, 4, 16,
+                                              torch.float16)
+    wide = torch.full((2 * slots.numel(),), -1, dtype=torch.int64, device=device)
+    wide[::2] = slots
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.store_kvcache(k, v, want_k, want_v, slots)
+    ember.ops.store_kvcache(k, v, k_cache, v_cache, wide[::2], backend=backend)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_store_kvcache_fp8_exact(backend, device, dtype):
     if backend == "triton" and device == "cpu":

@@ -1,12 +1,12 @@
 """Paged attention of one layer over a flat batch: the only place models call attention ops.
 
 A step's batch is flat: ``num_tokens`` rows, the single-token decodes first, then the prompt
-chunks (prefills, chunked prefills, recomputes after preemption). Each layer first writes the
-new tokens' K/V into the paged cache with one ``store_kvcache`` (the slots were computed once
-for the step, on the host), then attends with ``flash_attn_with_kvcache`` over the cache, causally
-aligned bottom-right (a chunk sees the sequence's earlier tokens and its own up to itself): one
-batched call for the decodes (Flash-Decoding, the call CUDA graphs capture) and one call per
-chunk.
+chunks (prefills, chunked prefills, recomputes after preemption). Each layer has first written
+the new tokens' K/V into the paged cache (``rotary_embedding_and_store_kvcache``, at the slots
+``slot_mapping`` computed once for the step, on the host); it then attends with
+``flash_attn_with_kvcache`` over the cache, causally aligned bottom-right (a chunk sees the
+sequence's earlier tokens and its own up to itself): one batched call for the decodes
+(Flash-Decoding, the call CUDA graphs capture) and one call per chunk.
 """
 
 from dataclasses import dataclass, field
@@ -38,16 +38,15 @@ class AttentionMetadata:
     chunk_block_table: torch.Tensor | None = None
 
 
-def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, *, softmax_scale: float,
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, *, softmax_scale: float,
                     window: int | None, backend: str) -> torch.Tensor:
-    """Causal attention of a flat batch over the paged cache, storing the new K/V.
+    """Causal attention of a flat batch over the paged cache, which already holds the batch's
+    new K/V.
 
-    q: ``[num_tokens, heads_q, head_dim]``; k, v: ``[num_tokens, heads_kv, head_dim]`` (the new
-    tokens); k_cache, v_cache: ``[num_blocks, block_size, heads_kv, head_dim]``, updated in
-    place. ``window``: Hugging Face's sliding window (a query sees that many most recent keys,
-    itself included) or None. Returns ``[num_tokens, heads_q, head_dim]``.
+    q: ``[num_tokens, heads_q, head_dim]``; k_cache, v_cache: ``[num_blocks, block_size,
+    heads_kv, head_dim]``. ``window``: Hugging Face's sliding window (a query sees that many
+    most recent keys, itself included) or None. Returns ``[num_tokens, heads_q, head_dim]``.
     """
-    ops.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, backend=backend)
     window_size = (-1, -1) if window is None else (window - 1, 0)
     common = dict(softmax_scale=softmax_scale, causal=True, window_size=window_size,
                   backend=backend)

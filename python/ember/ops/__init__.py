@@ -30,7 +30,7 @@ from ember.ops.quant import (
     w4a16_gemm,
     w8a16_gemm,
 )
-from ember.ops.rotary import rotary_embedding
+from ember.ops.rotary import rotary_embedding, rotary_embedding_and_store_kvcache
 from ember.ops.sampling import sample, speculative_accept
 from ember.ops.sparse import compress_24, prune_24, sparse24_gemm
 
@@ -64,5 +64,6 @@ __all__ = [
     "silu_and_mul",
     # Sampling
     "sample",
+    "rotary_embedding_and_store_kvcache",
     "speculative_accept",
 ]

@@ -34,15 +34,18 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=No
     Slots must be distinct (two tokens writing one slot is a race). Returns ``None``.
     """
     op = "store_kvcache"
-    _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    _check_store_kvcache(op, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     # float32 only on the torch reference ("auto" picks it).
     unsupported = None if k.dtype in HALF_DTYPES else f"dtype {k.dtype} (kernels take fp16/bf16)"
     chosen = _registry.resolve_supported(op, op, backend, k.device, unsupported)
-    torch.ops.ember.store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, chosen)
+    # The kernels index slot_mapping by token: hand them unit-stride slots.
+    torch.ops.ember.store_kvcache(k, v, k_cache, v_cache, slot_mapping.contiguous(), k_scale,
+                                  v_scale, chosen)
 
 
-def _check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-    op = "store_kvcache"
+def _check_store_kvcache(op, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    """store_kvcache's checks, in errors that name ``op`` (also
+    rotary_embedding_and_store_kvcache, which stores its rotated k through them)."""
     check_tensor(op, "k", k, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
     num_tokens, heads, head_dim = k.shape
     dev = k.device

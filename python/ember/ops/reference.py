@@ -579,6 +579,15 @@ def silu_and_mul(x):
 # depends on the batch around it and no generator state lives on the host. The generator is
 # Philox4x32-10, as Triton's tl.philox(seed, c0, c1, c2, c3), curand and JAX use it:
 # key = (seed low word, seed high word), counter = (index, offset low word, offset high word,
+def rotary_embedding_and_store_kvcache(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
+                                       slot_mapping, is_neox=True, k_scale=None, v_scale=None):
+    """``rotary_embedding`` then ``store_kvcache`` of the rotated k and of v (in place); returns
+    the rotated q."""
+    q_rotated, k_rotated = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    store_kvcache(k_rotated, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q_rotated
+
+
 # stream), first output word. ``index`` is the vocabulary index (or 0 for acceptance tests).
 SAMPLE_STREAM = 0      # Gumbel noise of sample()
 ACCEPT_STREAM = 1      # acceptance uniforms of speculative_accept()
