@@ -13,6 +13,7 @@ void bind_decode(pybind11::module_& m);
 void bind_norm(pybind11::module_& m);
 void bind_rotary(pybind11::module_& m);
 void bind_activation(pybind11::module_& m);
+void bind_gemm(pybind11::module_& m);
 }  // namespace ember
 
 PYBIND11_MODULE(_C, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_C, m) {
   ember::bind_norm(m);
   ember::bind_rotary(m);
   ember::bind_activation(m);
+  ember::bind_gemm(m);
 }

@@ -1,11 +1,11 @@
-"""The MoE, quantized-GEMM and 2:4 references against naive float64 loops, plus the exact
-layouts the quantize/compress functions promise (kernels rely on them)."""
+"""The MoE, quantized-GEMM, 2:4 and dense linear references against naive float64 loops, plus
+the exact layouts the quantize/compress functions promise (kernels rely on them)."""
 
 import math
 
 import pytest
 import torch
-from helpers import assert_within_lowp_error
+from helpers import assert_matches_reference, assert_within_lowp_error
 
 from ember.ops import reference
 
@@ -386,3 +386,36 @@ def test_sparse24_gemm_matches_dense(dtype):
     out = reference.sparse24_gemm(x, values, metadata)
     assert out.dtype == dtype
     assert_within_lowp_error(out, x.double() @ w.double().T, x @ w.T)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense linear layers
+# ------------------------------------------------------------------------------------------------
+
+
+def naive_linear(x, w, b):
+    """Each output a float64 dot product of one row of x and one row of w, plus its bias."""
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        for j in range(w.shape[0]):
+            out[i, j] = sum(float(a) * float(c) for a, c in zip(x[i], w[j], strict=True))
+            out[i, j] += 0.0 if b is None else float(b[j])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_skinny_linear_matches_naive(dtype, with_bias):
+    x, w = torch.randn(3, 24, dtype=dtype), torch.randn(5, 24, dtype=dtype)
+    b = torch.randn(5, dtype=dtype) if with_bias else None
+    # One rounding of the float32 sum: the exact result rounded, but for float32 ties.
+    assert_matches_reference(reference.skinny_linear(x, w, b), naive_linear(x, w, b).to(dtype))
+
+
+def test_skinny_linear_silu_and_mul_rounds_the_hidden_input():
+    """The fused activation is silu_and_mul's output, rounded to the dtype, then the GEMM."""
+    gate_up, w = torch.randn(2, 32, dtype=torch.bfloat16), torch.randn(4, 16, dtype=torch.bfloat16)
+    hidden = (torch.nn.functional.silu(gate_up[:, :16].float()) * gate_up[:, 16:].float())
+    hidden = hidden.to(torch.bfloat16)
+    want = reference.skinny_linear(hidden, w)
+    assert torch.equal(reference.skinny_linear(gate_up, w, activation="silu_and_mul"), want)

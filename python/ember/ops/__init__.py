@@ -20,6 +20,7 @@ from ember.ops.attention import (
     merge_attn_states,
 )
 from ember.ops.kvcache import store_kvcache
+from ember.ops.linear import skinny_linear
 from ember.ops.moe import fused_moe, grouped_gemm, moe_align
 from ember.ops.norm import fused_add_rms_norm, rms_norm
 from ember.ops.quant import (
@@ -42,6 +43,8 @@ __all__ = [
     "merge_attn_states",
     "ops",
     "store_kvcache",
+    # Dense linear layers
+    "skinny_linear",
     # MoE
     "fused_moe",
     "grouped_gemm",
@@ -61,9 +64,9 @@ __all__ = [
     "fused_add_rms_norm",
     "rms_norm",
     "rotary_embedding",
+    "rotary_embedding_and_store_kvcache",
     "silu_and_mul",
     # Sampling
     "sample",
-    "rotary_embedding_and_store_kvcache",
     "speculative_accept",
 ]

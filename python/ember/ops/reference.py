@@ -348,6 +348,22 @@ def fused_moe(hidden, w13, w2, router_logits, top_k, renormalize=True):
 
 
 # ----------------------------------------------------------------------------------------------
+# Dense linear layers
+# ----------------------------------------------------------------------------------------------
+
+def skinny_linear(x, weight, bias=None, activation=None):
+    """``x @ weight^T (+ bias)`` in float32, rounded once to x's dtype; x ``[M, K]``, weight
+    ``[N, K]``, bias ``[N]``. With ``activation="silu_and_mul"`` x is ``[M, 2K]`` and the input
+    is :func:`silu_and_mul` of it, rounded to x's dtype first, as an unfused pair would."""
+    if activation == "silu_and_mul":
+        x = silu_and_mul(x)
+    y = _acc(x) @ _acc(weight).T
+    if bias is not None:
+        y = y + _acc(bias)
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Quantized GEMMs
 # ----------------------------------------------------------------------------------------------
 
@@ -563,6 +579,15 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True):
     return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
 
 
+def rotary_embedding_and_store_kvcache(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
+                                       slot_mapping, is_neox=True, k_scale=None, v_scale=None):
+    """``rotary_embedding`` then ``store_kvcache`` of the rotated k and of v (in place); returns
+    the rotated q."""
+    q_rotated, k_rotated = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    store_kvcache(k_rotated, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q_rotated
+
+
 def silu_and_mul(x):
     """``silu(x[..., :I]) * x[..., I:]`` in float32 for x ``[..., 2I]``; returns ``[..., I]``."""
     xf = _acc(x)
@@ -579,15 +604,6 @@ def silu_and_mul(x):
 # depends on the batch around it and no generator state lives on the host. The generator is
 # Philox4x32-10, as Triton's tl.philox(seed, c0, c1, c2, c3), curand and JAX use it:
 # key = (seed low word, seed high word), counter = (index, offset low word, offset high word,
-def rotary_embedding_and_store_kvcache(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
-                                       slot_mapping, is_neox=True, k_scale=None, v_scale=None):
-    """``rotary_embedding`` then ``store_kvcache`` of the rotated k and of v (in place); returns
-    the rotated q."""
-    q_rotated, k_rotated = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
-    store_kvcache(k_rotated, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    return q_rotated
-
-
 # stream), first output word. ``index`` is the vocabulary index (or 0 for acceptance tests).
 SAMPLE_STREAM = 0      # Gumbel noise of sample()
 ACCEPT_STREAM = 1      # acceptance uniforms of speculative_accept()

@@ -1,0 +1,296 @@
+// skinny_gemm: y = x @ W^T (+ bias) for M = 1..16 rows of x, the linear layers of a decode step.
+//
+// Bytes: W is N * K * s and is read exactly once; x (M * K * s) and y (M * N * s) are tiny, and
+// x stays in L1/L2. FLOPs: 2 * M * N * K, M FLOPs per weight byte for s = 2: memory-bound for
+// small M, the bar is the copy bandwidth. At M = 16 the float32 FMAs alone need ~48 TFLOP/s to
+// keep pace with 3 TB/s, close to an H100's ~67, so expect less than copy bandwidth there.
+//
+// Layout of the work: each warp owns kRows output rows and one slice of K. Lanes stride over K
+// in 16-byte vectors (8 elements), so every row access of a warp is 512 contiguous bytes. Each
+// iteration issues kLoadsInFlight = 8 independent 16-byte W loads per lane (kRows rows x kSteps
+// vectors; 4 for M > 8 with 4 rows, see steps_per_iteration) before the FMAs that consume them:
+// 4 KB in flight per warp. The host sizes the grid for at least kTargetWarpsPerSm = 8 warps per
+// SM, 32 KB per SM, above what Little's law asks at ~3 TB/s and ~1 us of loaded DRAM latency
+// (~23 KB per SM on 132 SMs).
+//
+// - W loads skip L1 (ld.global.nc.L1::no_allocate): each byte is used once and would only evict
+//   x. x takes the read-only path and is re-read by every warp; one x vector serves kRows rows,
+//   so x traffic (from L1/L2) is M / kRows times the weight traffic.
+// - When N alone gives too few warps (few rows, long K: a down projection), the kWarps warps of
+//   a CTA split K between them (k_splits = 1, 2 or 4, interleaved by 32 vectors) and their
+//   partial sums meet in shared memory: no global split-K workspace, no second kernel.
+// - Tail rows: a warp whose rows run past N reads the last row instead (in bounds, no extra
+//   branch in the loop) and does not store it. Rows of x: kM is M rounded up to 1, 2, 4, 8 or
+//   16, and rows past M are skipped by a warp-uniform branch.
+// - Each output is the float32 dot product plus the bias, rounded once to the dtype, as in the
+//   reference.
+// - silu_and_mul prologue: the input vector is silu(gate) * up rounded to the dtype (the rounding
+//   point of ember.ops.silu_and_mul), computed by every warp for the K vectors it reads. That is
+//   2 SFU operations per element per warp, cheap for M = 1..2 (saving the separate kernel and its
+//   launch is the point); for larger M the unfused pair may be faster.
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/block_reduce.cuh"
+#include "common/common.h"
+#include "common/vec.cuh"
+#include "gemm/skinny_gemm.h"
+
+namespace ember {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kElemsPerVec = 8;        // fp16/bf16 elements in a 16-byte vector
+constexpr int kLoadsInFlight = 8;      // 16-byte W loads per lane per iteration
+constexpr int kTargetWarpsPerSm = 8;   // times 4 KB in flight per warp = 32 KB per SM
+constexpr int kMaxM = 16;
+
+// Vectors per row per iteration: kLoadsInFlight W loads per lane, except for the 16 x 4 tile,
+// whose 64 accumulators leave room for only 4 W vectors (and then 512 FMAs per lane per
+// iteration cover the latency instead).
+constexpr int steps_per_iteration(int m_tile, int rows) {
+  return m_tile * rows >= 64 ? 1 : kLoadsInFlight / rows;
+}
+
+// A 16-byte W vector that is read once: non-coherent (W is constant during the kernel) and not
+// allocated in L1, which keeps x's lines there.
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float2 word_to_float2(uint32_t word, __half) {
+  __half2 h;
+  memcpy(&h, &word, sizeof(h));
+  return __half22float2(h);
+}
+
+__device__ __forceinline__ float2 word_to_float2(uint32_t word, __nv_bfloat16) {
+  __nv_bfloat162 h;
+  memcpy(&h, &word, sizeof(h));
+  return __bfloat1622float2(h);
+}
+
+// The 8 elements of T packed in a 16-byte vector, as floats.
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& v, float (&f)[kElemsPerVec]) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = word_to_float2(words[i], T{});
+    f[2 * i] = pair.x;
+    f[2 * i + 1] = pair.y;
+  }
+}
+
+// silu(g) = g / (1 + exp(-g)) in float32, the form of silu_and_mul's kernel and reference.
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
+// The GEMM input for K vector `vec` of one row of x: the row itself, or silu(gate) * up rounded
+// to T when x holds [gate | up] (the up half starts k elements later).
+template <typename T, bool kSilu>
+__device__ __forceinline__ void load_input(const T* __restrict__ x_row, int vec, int64_t k,
+                                           float (&f)[kElemsPerVec]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x_row) + vec);
+  unpack<T>(raw, f);
+  if constexpr (kSilu) {
+    float up[kElemsPerVec];
+    unpack<T>(__ldg(reinterpret_cast<const uint4*>(x_row + k) + vec), up);
+#pragma unroll
+    for (int j = 0; j < kElemsPerVec; ++j) f[j] = to_float(from_float<T>(silu(f[j]) * up[j]));
+  }
+}
+
+template <typename T, int kM, int kRows, bool kSilu>
+__global__ void __launch_bounds__(kThreads)
+    skinny_gemm_kernel(const SkinnyGemmParams p, const int k_splits) {
+  constexpr int kSteps = steps_per_iteration(kM, kRows);
+  // Rows of x that exist whenever this kM was chosen (M is rounded up to the next kM).
+  constexpr int kMinM = kM / 2 + 1;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int slice = warp % k_splits;
+  const int groups = kWarps / k_splits;  // warps owning different rows
+  const int rows_per_cta = groups * kRows;
+  const int64_t cta_row0 = int64_t{blockIdx.x} * rows_per_cta;
+  const int64_t warp_row0 = cta_row0 + (warp / k_splits) * kRows;
+  const int num_vecs = static_cast<int>(p.k / kElemsPerVec);
+  const int vec_stride = k_splits * 32;
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ w = static_cast<const T*>(p.weight);
+  const T* w_rows[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = warp_row0 + r < p.n ? warp_row0 + r : p.n - 1;
+    w_rows[r] = w + row * p.k;
+  }
+
+  float acc[kRows][kM] = {};
+  for (int vec0 = slice * 32 + lane; vec0 < num_vecs; vec0 += kSteps * vec_stride) {
+    // All loads of the iteration first, so that they are in flight together.
+    uint4 w_raw[kSteps][kRows];
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int vec = vec0 + s * vec_stride;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        w_raw[s][r] = vec < num_vecs ? load_streaming(w_rows[r] + int64_t{vec} * kElemsPerVec)
+                                     : make_uint4(0, 0, 0, 0);
+      }
+    }
+    // Vectors past the end of K have W zero and x zero (its load is skipped): no branch around
+    // the FMAs, so the compiler may issue the x loads of all steps early.
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int vec = vec0 + s * vec_stride;
+      float wf[kRows][kElemsPerVec];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) unpack<T>(w_raw[s][r], wf[r]);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        if (m >= kMinM && m >= p.m) break;
+        float xf[kElemsPerVec] = {};
+        if (s == 0 || vec < num_vecs) load_input<T, kSilu>(x + m * p.x_row_stride, vec, p.k, xf);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+          for (int j = 0; j < kElemsPerVec; ++j) acc[r][m] = fmaf(wf[r][j], xf[j], acc[r][m]);
+        }
+      }
+    }
+  }
+
+  // Partial sums of the warps, [slice][m][row in CTA]; one lane stores each.
+  __shared__ float partial[kWarps * kM * kRows];
+  const int row_in_cta0 = (warp / k_splits) * kRows;
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    if (m >= kMinM && m >= p.m) break;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float sum = warp_reduce_sum(acc[r][m]);
+      if (lane == (m * kRows + r) % 32) {
+        partial[(slice * kM + m) * rows_per_cta + row_in_cta0 + r] = sum;
+      }
+    }
+  }
+  __syncthreads();
+
+  // Consecutive threads write consecutive rows of y.
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int i = threadIdx.x; i < kM * rows_per_cta; i += kThreads) {
+    const int m = i / rows_per_cta;
+    const int row_in_cta = i % rows_per_cta;
+    const int64_t row = cta_row0 + row_in_cta;
+    if (m >= p.m || row >= p.n) continue;
+    float sum = 0.f;
+    for (int s = 0; s < k_splits; ++s) sum += partial[(s * kM + m) * rows_per_cta + row_in_cta];
+    if (bias != nullptr) sum += to_float(bias[row]);
+    y[m * p.n + row] = from_float<T>(sum);
+  }
+}
+
+// Rows per warp and K splits per CTA. More rows per warp divide the x traffic (M / kRows per
+// weight byte; 4 rows for M >= 4) but give fewer warps; while the grid has fewer than
+// kTargetWarpsPerSm warps per SM, first split K (if every slice keeps at least one full
+// iteration of loads), then take fewer rows per warp.
+struct Config {
+  int rows, k_splits;
+};
+
+Config choose_config(int m_tile, int64_t n, int64_t num_vecs, int num_sms) {
+  Config c{m_tile >= 4 ? 4 : 2, 1};
+  const int64_t target_warps = int64_t{num_sms} * kTargetWarpsPerSm;
+  while ((n + c.rows - 1) / c.rows * c.k_splits < target_warps) {
+    const int64_t steps = steps_per_iteration(m_tile, c.rows);
+    if (c.k_splits < kWarps && num_vecs >= 2 * c.k_splits * 32 * steps) {
+      c.k_splits *= 2;
+    } else if (c.rows > 1) {
+      c.rows /= 2;
+    } else {
+      break;
+    }
+  }
+  return c;
+}
+
+template <typename T, int kM, int kRows, bool kSilu>
+void launch(const SkinnyGemmParams& p, int k_splits, cudaStream_t stream) {
+  const int64_t rows_per_cta = kWarps / k_splits * kRows;
+  const unsigned blocks = grid_x((p.n + rows_per_cta - 1) / rows_per_cta, "skinny_gemm");
+  skinny_gemm_kernel<T, kM, kRows, kSilu><<<blocks, kThreads, 0, stream>>>(p, k_splits);
+  check_launch("skinny_gemm_kernel");
+}
+
+// Calls f(std::integral_constant<int, kM>{}) for the smallest instantiated kM >= m.
+template <typename F>
+void dispatch_m(int64_t m, F&& f) {
+  if (m <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (m <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (m <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (m <= 8) {
+    f(std::integral_constant<int, 8>{});
+  } else {
+    f(std::integral_constant<int, 16>{});
+  }
+}
+
+template <typename T>
+void launch_skinny_gemm(const SkinnyGemmParams& p, int num_sms, cudaStream_t stream) {
+  if (!rows_16b_aligned<T>(p.x, {{p.m, p.x_row_stride}}) ||
+      reinterpret_cast<std::uintptr_t>(p.weight) % 16 != 0) {
+    throw std::invalid_argument(
+        "ember: skinny_gemm: x's rows and the weight must start on 16-byte boundaries");
+  }
+  dispatch_m(p.m, [&](auto m_const) {
+    constexpr int kM = decltype(m_const)::value;
+    const Config c = choose_config(kM, p.n, p.k / kElemsPerVec, num_sms);
+    dispatch_bool(p.silu_and_mul, [&](auto silu) {
+      constexpr bool kSilu = decltype(silu)::value;
+      switch (c.rows) {
+        case 1:
+          launch<T, kM, 1, kSilu>(p, c.k_splits, stream);
+          break;
+        case 2:
+          launch<T, kM, 2, kSilu>(p, c.k_splits, stream);
+          break;
+        default:
+          launch<T, kM, 4, kSilu>(p, c.k_splits, stream);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+void skinny_gemm(const SkinnyGemmParams& p, int num_sms, int dtype, std::intptr_t stream) {
+  if (p.m < 1 || p.m > kMaxM) {
+    throw std::invalid_argument("ember: skinny_gemm: m must be in [1, " + std::to_string(kMaxM) +
+                                "], got " + std::to_string(p.m));
+  }
+  // Vector indices are ints, and the loop steps past the last one by up to 1024.
+  if (p.k <= 0 || p.k % kElemsPerVec != 0 || p.k >= (int64_t{1} << 31)) {
+    throw std::invalid_argument("ember: skinny_gemm: k must be a positive multiple of 8 below "
+                                "2^31, got " + std::to_string(p.k));
+  }
+  if (num_sms < 1) {
+    throw std::invalid_argument("ember: skinny_gemm: num_sms must be positive");
+  }
+  if (p.n == 0) return;
+  EMBER_DISPATCH_HALF_TYPES(dtype, "skinny_gemm",
+                            [&] { launch_skinny_gemm<scalar_t>(p, num_sms, as_stream(stream)); });
+}
+
+}  // namespace ember
