@@ -238,7 +238,7 @@ class LLM:
         if len(running) != len(rows) or any(seq is not step.seqs[i]
                                             for seq, i in zip(running, rows)):
             return None
-        if not rows or len(rows) > self.config.max_num_batched_tokens:
+        if not rows:  # (the config keeps max_num_batched_tokens >= max_num_seqs >= rows)
             return None
         bs, new_blocks = self.config.block_size, 0
         for seq in running:

@@ -8,17 +8,11 @@ graphs. The kernel reads x and the weight in 16-byte vectors: the odd view whose
 start on a 16-byte boundary is copied here first.
 """
 
-import functools
-
 import torch
 
 from ember.ops import _ext
+from ember.ops._split_kv import sm_count
 from ember.ops._validation import with_16b_aligned_rows
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def skinny_linear(x, weight, bias=None, activation=None):
@@ -35,6 +29,6 @@ def skinny_linear(x, weight, bias=None, activation=None):
         bias = bias.contiguous()
     _ext.load_extension().skinny_gemm(
         x.data_ptr(), weight.data_ptr(), _ext.ptr(bias), y.data_ptr(), x.shape[0], n, k,
-        x.stride(0), activation == "silu_and_mul", _num_sms(x.device), _ext.dtype_code(x),
+        x.stride(0), activation == "silu_and_mul", sm_count(x.device), _ext.dtype_code(x),
         _ext.stream_of(x))
     return y
