@@ -236,7 +236,7 @@ class LLM:
         rows = [i for i, seq in enumerate(step.seqs) if not seq.is_finished]
         running = self.scheduler.running
         if len(running) != len(rows) or any(seq is not step.seqs[i]
-                                            for seq, i in zip(running, rows)):
+                                            for seq, i in zip(running, rows, strict=True)):
             return None
         if not rows:  # (the config keeps max_num_batched_tokens >= max_num_seqs >= rows)
             return None
