@@ -2,12 +2,15 @@
 
     python -m bench.skinny_gemm_probe OUT.json
 
-On a GPU, for M in {1, 8} rows and the (N, K) weights of SmolLM2-135M and Llama-3.2-1B, times
-ember's CUDA kernel and torch.nn.functional.linear (cuBLAS) in bf16, and prints microseconds,
-TB/s of weight bytes (N * K * 2 / time: the weight is the traffic that matters; x and y are a few
-KB) and cuBLAS time / ember time. For the down projections (K = 1536, 8192) it also times the
-fused silu_and_mul prologue ("fused") and ember's silu_and_mul kernel then skinny_linear
-("unfused"); the cuBLAS column of those rows is ember's silu_and_mul then cuBLAS.
+On a GPU, for M in {1, 4, 8} rows and the (N, K) weights of SmolLM2-135M and Llama-3.2-1B (and
+the 1B's LM head), times ember's CUDA kernel ("linear"; "static" with ``static_weight=True``, which
+lets each call start streaming its weight while the previous call runs, as in a model) and
+torch.nn.functional.linear (cuBLAS) in bf16, and prints microseconds, TB/s of weight bytes
+(N * K * 2 / time: the weight is the traffic that matters; x and y are a few KB) and cuBLAS time
+/ ember time. For the down projections (K = 1536, 8192) it also times the fused silu_and_mul
+prologue ("fused", static) and ember's silu_and_mul kernel then skinny_linear ("unfused"); the
+cuBLAS column of those rows is ember's silu_and_mul then cuBLAS. Run it with EMBER_PDL=0 too to
+see what programmatic dependent launch is worth.
 
 Timing: triton.testing.do_bench_cudagraph (median) on a CUDA graph whose every call runs the op
 once on each of several weight copies, together at least 4x the L2 cache, so every call reads its
@@ -23,10 +26,10 @@ import sys
 import torch
 
 DTYPE = torch.bfloat16
-ROWS = (1, 8)
+ROWS = (1, 4, 8)
 # (N, K): SmolLM2-135M's fused QKV, O, fused gate_up and down; then Llama-3.2-1B's.
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (3072, 2048), (2048, 2048),
-          (16384, 2048), (2048, 8192)]
+          (16384, 2048), (2048, 8192), (128256, 2048)]
 DOWN_K = (1536, 8192)
 ROTATE_L2_MULTIPLE = 4
 REP_MS = 100
@@ -108,8 +111,12 @@ def main(argv) -> int:
     def ember_linear(x, w):
         return ember.ops.skinny_linear(x, w, backend="cuda")
 
+    def ember_static(x, w):
+        return ember.ops.skinny_linear(x, w, static_weight=True, backend="cuda")
+
     def ember_fused(gate_up, w):
-        return ember.ops.skinny_linear(gate_up, w, activation="silu_and_mul", backend="cuda")
+        return ember.ops.skinny_linear(gate_up, w, activation="silu_and_mul", static_weight=True,
+                                       backend="cuda")
 
     def ember_unfused(gate_up, w):
         return ember_linear(ember.ops.silu_and_mul(gate_up, backend="cuda"), w)
@@ -125,11 +132,12 @@ def main(argv) -> int:
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             torch.cuda.synchronize()
-            status = check(ember_linear(x, weights[0]), x, weights[0])
-            r = row("linear", m, n, k, time_us(ember_linear, x, weights),
-                    time_us(torch.nn.functional.linear, x, weights), status, copy)
-            print_row(r)
-            rows.append(r)
+            cublas = time_us(torch.nn.functional.linear, x, weights)
+            for variant, fn in (("linear", ember_linear), ("static", ember_static)):
+                status = check(fn(x, weights[0]), x, weights[0])
+                r = row(variant, m, n, k, time_us(fn, x, weights), cublas, status, copy)
+                print_row(r)
+                rows.append(r)
             if k in DOWN_K:
                 gate_up = torch.randn(m, 2 * k, device="cuda", dtype=DTYPE)
                 torch.cuda.synchronize()

@@ -38,6 +38,25 @@ inline unsigned grid_x(int64_t count, const char* op) {
   return static_cast<unsigned>(count);
 }
 
+// The current device's compute capability major version, looked up once per device.
+inline int current_device_cc_major() {
+  static int major_of[64] = {};  // 0: not looked up yet
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  if (device >= 64) {
+    int major = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+               "cudaDeviceGetAttribute");
+    return major;
+  }
+  if (major_of[device] == 0) {
+    check_cuda(cudaDeviceGetAttribute(&major_of[device], cudaDevAttrComputeCapabilityMajor,
+                                      device),
+               "cudaDeviceGetAttribute");
+  }
+  return major_of[device];
+}
+
 inline cudaStream_t as_stream(std::intptr_t stream) {
   return reinterpret_cast<cudaStream_t>(stream);
 }

@@ -56,6 +56,7 @@
 // Swizzled shared-memory tiles, ldmatrix / mma.sync / cp.async wrappers of the prefill kernel.
 #include "attention/flash_fwd_kernel.cuh"
 #include "common/common.h"
+#include "common/pdl.cuh"
 #include "decode/decode_attention.h"
 #include "decode/merge_row.cuh"
 
@@ -482,6 +483,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kStages = Cfg::kStages;
   extern __shared__ __align__(128) unsigned char smem[];
 
+  allow_dependent_launch();
+  // q, the new keys in the cache, cache_seqlens and the block table may all come from kernels
+  // just before this one (rotary_embedding_and_store_kvcache in a decode step).
+  wait_for_prior_grids();
   const int split = blockIdx.x % p.num_splits;
   const int m_block = blockIdx.x / p.num_splits;
   const int kv_head = blockIdx.y;
@@ -766,8 +771,8 @@ void launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.heads_q / p.heads_kv) * p.seqlen_q;
   const int64_t m_blocks = (rows + Cfg::kBlockM - 1) / Cfg::kBlockM;
   const dim3 grid(static_cast<unsigned>(m_blocks * p.num_splits), p.heads_kv, p.batch);
-  decode_attention_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  check_launch("decode_attention_kernel");
+  launch_with_pdl(decode_attention_kernel<Cfg>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream,
+                  "decode_attention_kernel", p);
 }
 
 // Instantiates the two warp layouts for one head dim, q dtype and cache kind.

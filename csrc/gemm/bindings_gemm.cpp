@@ -13,8 +13,8 @@ void bind_gemm(py::module_& m) {
   m.def(
       "skinny_gemm",
       [](intptr_t x, intptr_t weight, intptr_t bias, intptr_t y, int64_t rows, int64_t n,
-         int64_t k, int64_t x_row_stride, bool silu_and_mul, int num_sms, int dtype,
-         intptr_t stream) {
+         int64_t k, int64_t x_row_stride, bool silu_and_mul, bool static_weight, int num_sms,
+         int dtype, intptr_t stream) {
         SkinnyGemmParams p{};
         p.x = ptr_arg<const void>(x);
         p.weight = ptr_arg<const void>(weight);
@@ -25,6 +25,7 @@ void bind_gemm(py::module_& m) {
         p.k = k;
         p.x_row_stride = x_row_stride;
         p.silu_and_mul = silu_and_mul;
+        p.static_weight = static_weight;
         skinny_gemm(p, num_sms, dtype, stream);
       },
       "y = x @ weight^T (+ bias) for 1..16 rows of x, bias 0 for none (raw pointers; use "

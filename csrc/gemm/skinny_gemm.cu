@@ -28,6 +28,8 @@
 //   point of ember.ops.silu_and_mul), computed by every warp for the K vectors it reads. That is
 //   2 SFU operations per element per warp, cheap for M = 1..2 (saving the separate kernel and its
 //   launch is the point); for larger M the unfused pair may be faster.
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -35,7 +37,9 @@
 #include <type_traits>
 
 #include "common/block_reduce.cuh"
+#include "common/bulk_copy.cuh"
 #include "common/common.h"
+#include "common/pdl.cuh"
 #include "common/vec.cuh"
 #include "gemm/skinny_gemm.h"
 
@@ -114,6 +118,8 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kSteps = steps_per_iteration(kM, kRows);
   // Rows of x that exist whenever this kM was chosen (M is rounded up to the next kM).
   constexpr int kMinM = kM / 2 + 1;
+  allow_dependent_launch();
+  wait_for_prior_grids();  // x comes from the previous kernel
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int slice = warp % k_splits;
@@ -227,8 +233,214 @@ template <typename T, int kM, int kRows, bool kSilu>
 void launch(const SkinnyGemmParams& p, int k_splits, cudaStream_t stream) {
   const int64_t rows_per_cta = kWarps / k_splits * kRows;
   const unsigned blocks = grid_x((p.n + rows_per_cta - 1) / rows_per_cta, "skinny_gemm");
-  skinny_gemm_kernel<T, kM, kRows, kSilu><<<blocks, kThreads, 0, stream>>>(p, k_splits);
-  check_launch("skinny_gemm_kernel");
+  launch_with_pdl(skinny_gemm_kernel<T, kM, kRows, kSilu>, blocks, kThreads, 0, stream,
+                  "skinny_gemm_kernel", p, k_splits);
+}
+
+// ------------------------------------------------------------------------------------------
+// The bulk-copy kernel (sm_90+, M <= 4): the weight streams through a shared-memory ring
+// ------------------------------------------------------------------------------------------
+//
+// The register kernel above keeps 32 KB per SM in flight with ~8 load instructions per lane per
+// iteration, and its many short warps pay their ramp-up and tail at every launch. Here one
+// 256-thread CTA per SM owns a contiguous range of weight rows and one thread streams them in
+// with the bulk copy engine, a few 16 KB tiles (kBulkRows rows each) in flight at all times: a
+// tile is one instruction, and the bytes in flight no longer cost registers. Each tile's rows
+// are split between the warps (8 / rows warps per row, each a strided share of K), which read
+// the weight and x from shared memory; the warps' partial sums meet in shared memory and the
+// tile's outputs are written while the next tiles land.
+//
+// With `static_weight` (the caller promises that no earlier kernel writes the weight) the
+// first tiles are requested before wait_for_prior_grids(): under programmatic dependent launch
+// the weight is already arriving while the previous kernel (the norm or attention that produces
+// x) still runs, and an O projection's whole weight can be in shared memory by the time x is.
+constexpr int kBulkWarps = 8;
+constexpr int kBulkThreads = kBulkWarps * 32;
+constexpr int kBulkMaxM = 4;
+constexpr int kBulkMaxStages = 8;
+constexpr int64_t kBulkTileTarget = 16 * 1024;    // bytes per tile, rows permitting
+constexpr int64_t kBulkRingTarget = 64 * 1024;    // bytes of tiles per CTA
+constexpr int64_t kBulkMaxRowBytes = 48 * 1024;   // one row must fit in a tile
+constexpr int64_t kBulkMaxInputBytes = 64 * 1024; // x staged in shared memory
+constexpr int kBulkHeaderBytes = 512;  // barriers, then the double-buffered partial sums
+
+struct BulkPlan {
+  int rows_per_tile;  // 1, 2, 4 or 8: a divisor of kBulkWarps
+  int stages;         // tiles in the ring
+  int stage_bytes;    // rows_per_tile rows, rounded up to 128 bytes
+  int input_bytes;    // kM rows of x, rounded up to 128 bytes
+  int64_t num_tiles;
+  bool static_weight;
+  int smem_bytes() const { return kBulkHeaderBytes + input_bytes + stages * stage_bytes; }
+};
+
+template <typename T, int kM, bool kSilu>
+__global__ void __launch_bounds__(kBulkThreads, 1)
+    skinny_gemm_bulk_kernel(const SkinnyGemmParams p, const BulkPlan plan) {
+  constexpr int kMinM = kM / 2 + 1;  // rows of x that exist whenever this kM was chosen
+  extern __shared__ __align__(128) unsigned char smem[];
+  uint64_t* const full = reinterpret_cast<uint64_t*>(smem);  // [kBulkMaxStages]
+  float* const partials = reinterpret_cast<float*>(smem + 128);  // [2][kBulkWarps][kM]
+  T* const xs = reinterpret_cast<T*>(smem + kBulkHeaderBytes);   // [kM][k]
+  unsigned char* const ring = smem + kBulkHeaderBytes + plan.input_bytes;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rows_per_tile = plan.rows_per_tile, stages = plan.stages;
+  const int64_t tile_begin = plan.num_tiles * blockIdx.x / gridDim.x;
+  const int num_tiles = static_cast<int>(plan.num_tiles * (blockIdx.x + 1) / gridDim.x - tile_begin);
+  const int64_t row_bytes = p.k * static_cast<int64_t>(sizeof(T));
+  const int num_vecs = static_cast<int>(p.k / kElemsPerVec);
+
+  // Tile t of this CTA into ring slot t % stages (thread 0 only).
+  const uint64_t policy = l2_evict_first_policy();
+  const auto request_tile = [&](int t) {
+    const int64_t row0 = (tile_begin + t) * rows_per_tile;
+    const int64_t rows = min(int64_t{rows_per_tile}, p.n - row0);
+    bulk_copy_to_shared(shared_address(ring + (t % stages) * plan.stage_bytes),
+                        static_cast<const unsigned char*>(p.weight) + row0 * row_bytes,
+                        static_cast<uint32_t>(rows * row_bytes), shared_address(&full[t % stages]),
+                        policy);
+  };
+  const int prologue_tiles = min(stages, num_tiles);
+
+  allow_dependent_launch();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) mbarrier_init(shared_address(&full[s]));
+    fence_barrier_init();
+    if (plan.static_weight) {
+      for (int t = 0; t < prologue_tiles; ++t) request_tile(t);
+    }
+  }
+  __syncthreads();  // the barriers are initialised
+  wait_for_prior_grids();  // x (and a weight that is not static) may come from earlier kernels
+  if (threadIdx.x == 0 && !plan.static_weight) {
+    for (int t = 0; t < prologue_tiles; ++t) request_tile(t);
+  }
+
+  // x into shared memory, as the GEMM input (silu(gate) * up rounded to T when fused).
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    if (m >= kMinM && m >= p.m) break;
+    for (int v = threadIdx.x; v < num_vecs; v += kBulkThreads) {
+      float f[kElemsPerVec];
+      load_input<T, kSilu>(x + m * p.x_row_stride, v, p.k, f);
+      Vec<T, kElemsPerVec> packed;
+#pragma unroll
+      for (int j = 0; j < kElemsPerVec; ++j) packed.v[j] = from_float<T>(f[j]);
+      store_vec(xs + m * p.k + v * kElemsPerVec, packed);
+    }
+  }
+  __syncthreads();
+
+  const int warps_per_row = kBulkWarps / rows_per_tile;
+  const int row_in_tile = warp / warps_per_row;
+  const int slice = warp % warps_per_row;
+  T* const y = static_cast<T*>(p.y);
+  const T* const bias = static_cast<const T*>(p.bias);
+  for (int t = 0; t < num_tiles; ++t) {
+    const int slot = t % stages;
+    const int64_t row0 = (tile_begin + t) * rows_per_tile;
+    const int rows = static_cast<int>(min(int64_t{rows_per_tile}, p.n - row0));
+    mbarrier_wait(shared_address(&full[slot]), (t / stages) & 1);
+
+    float acc[kM] = {};
+    if (row_in_tile < rows) {
+      const uint4* w = reinterpret_cast<const uint4*>(ring + slot * plan.stage_bytes +
+                                                      row_in_tile * row_bytes);
+#pragma unroll 4
+      for (int v = slice * 32 + lane; v < num_vecs; v += warps_per_row * 32) {
+        float wf[kElemsPerVec];
+        unpack<T>(w[v], wf);
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          if (m >= kMinM && m >= p.m) break;
+          float xf[kElemsPerVec];
+          unpack<T>(reinterpret_cast<const uint4*>(xs + m * p.k)[v], xf);
+#pragma unroll
+          for (int j = 0; j < kElemsPerVec; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
+        }
+      }
+    }
+    // Partials are double-buffered by tile parity: the block barrier below separates this
+    // tile's writes from the reads of tile t - 2's.
+    float* const part = partials + (t & 1) * kBulkWarps * kM;
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      if (m >= kMinM && m >= p.m) break;
+      const float sum = warp_reduce_sum(acc[m]);
+      if (lane == 0) part[warp * kM + m] = sum;
+    }
+    __syncthreads();  // the slot is consumed and the partial sums are in place
+    if (threadIdx.x == 0 && t + stages < num_tiles) request_tile(t + stages);
+    if (threadIdx.x < rows * kM) {
+      const int r = threadIdx.x / kM, m = threadIdx.x % kM;
+      if (m < p.m) {
+        float sum = 0.f;
+        for (int s = 0; s < warps_per_row; ++s) sum += part[(r * warps_per_row + s) * kM + m];
+        if (bias != nullptr) sum += to_float(bias[row0 + r]);
+        y[m * p.n + row0 + r] = from_float<T>(sum);
+      }
+    }
+  }
+}
+
+int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// The bulk kernel's plan, or rows_per_tile == 0 when the shape does not suit it.
+BulkPlan choose_bulk_plan(int m_tile, int64_t n, int64_t k, int elem_bytes, int num_sms,
+                          bool static_weight) {
+  BulkPlan plan{};
+  const int64_t row_bytes = k * elem_bytes;
+  const int64_t input_bytes = round_up(m_tile * row_bytes, 128);
+  if (m_tile > kBulkMaxM || row_bytes > kBulkMaxRowBytes || input_bytes > kBulkMaxInputBytes ||
+      current_device_cc_major() < 9) {
+    return plan;
+  }
+  // The most rows per tile that keep the tile near its target and still give every SM a tile.
+  int rows = 8;
+  while (rows > 1 && (rows * row_bytes > kBulkTileTarget || (n + rows - 1) / rows < num_sms)) {
+    rows /= 2;
+  }
+  plan.rows_per_tile = rows;
+  plan.stage_bytes = static_cast<int>(round_up(rows * row_bytes, 128));
+  plan.num_tiles = (n + rows - 1) / rows;
+  const int64_t ctas = std::min<int64_t>(plan.num_tiles, num_sms);
+  const int64_t tiles_per_cta = (plan.num_tiles + ctas - 1) / ctas;
+  // At least two slots so that a tile lands while another is read; no more than a CTA's tiles.
+  plan.stages = static_cast<int>(std::clamp<int64_t>(
+      std::min(kBulkRingTarget / plan.stage_bytes, tiles_per_cta), 2, kBulkMaxStages));
+  plan.input_bytes = static_cast<int>(input_bytes);
+  plan.static_weight = static_weight;
+  return plan;
+}
+
+// Raises the kernel's dynamic shared memory limit to what any plan can use, once per device.
+template <typename T, int kM, bool kSilu>
+void allow_bulk_smem() {
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit)) return;
+  const int max_bytes = static_cast<int>(kBulkHeaderBytes + kBulkMaxInputBytes +
+                                         kBulkMaxStages * (kBulkMaxRowBytes + 128));
+  check_cuda(cudaFuncSetAttribute(skinny_gemm_bulk_kernel<T, kM, kSilu>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  std::min(max_bytes, 227 * 1024)),
+             "cudaFuncSetAttribute(skinny_gemm_bulk_kernel)");
+  configured.fetch_or(bit, std::memory_order_relaxed);
+}
+
+template <typename T, int kM, bool kSilu>
+void launch_bulk(const SkinnyGemmParams& p, const BulkPlan& plan, int num_sms,
+                 cudaStream_t stream) {
+  allow_bulk_smem<T, kM, kSilu>();
+  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(plan.num_tiles, num_sms));
+  launch_with_pdl(skinny_gemm_bulk_kernel<T, kM, kSilu>, ctas, kBulkThreads, plan.smem_bytes(),
+                  stream, "skinny_gemm_bulk_kernel", p, plan);
 }
 
 // Calls f(std::integral_constant<int, kM>{}) for the smallest instantiated kM >= m.
@@ -256,9 +468,17 @@ void launch_skinny_gemm(const SkinnyGemmParams& p, int num_sms, cudaStream_t str
   }
   dispatch_m(p.m, [&](auto m_const) {
     constexpr int kM = decltype(m_const)::value;
-    const Config c = choose_config(kM, p.n, p.k / kElemsPerVec, num_sms);
     dispatch_bool(p.silu_and_mul, [&](auto silu) {
       constexpr bool kSilu = decltype(silu)::value;
+      if constexpr (kM <= kBulkMaxM) {
+        const BulkPlan plan =
+            choose_bulk_plan(kM, p.n, p.k, sizeof(T), num_sms, p.static_weight);
+        if (plan.rows_per_tile != 0) {
+          launch_bulk<T, kM, kSilu>(p, plan, num_sms, stream);
+          return;
+        }
+      }
+      const Config c = choose_config(kM, p.n, p.k / kElemsPerVec, num_sms);
       switch (c.rows) {
         case 1:
           launch<T, kM, 1, kSilu>(p, c.k_splits, stream);

@@ -14,6 +14,9 @@ struct SkinnyGemmParams {
   void* y;             // [m, n], dense
   int64_t m, n, k, x_row_stride;
   bool silu_and_mul;
+  // The caller promises that no kernel before this one on the stream writes `weight`: it may
+  // then be read before those kernels finish (see csrc/common/pdl.cuh).
+  bool static_weight;
 };
 
 // Every tensor has dtype `dtype` (fp16 or bf16); k is a multiple of 8 and x's rows and the

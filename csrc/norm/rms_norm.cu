@@ -21,6 +21,7 @@
 
 #include "common/block_reduce.cuh"
 #include "common/common.h"
+#include "common/pdl.cuh"
 #include "common/vec.cuh"
 #include "norm/norm.h"
 
@@ -39,6 +40,8 @@ template <typename T, bool kVectorized, bool kAddResidual>
 __global__ void __launch_bounds__(kMaxThreads)
     rms_norm_kernel(const RmsNormParams p, const float inv_hidden) {
   constexpr int kVec = kVectorized ? kVec16<T> : 1;
+  allow_dependent_launch();
+  wait_for_prior_grids();  // x and the residual come from the previous kernel
   const int64_t row = blockIdx.x;
   const int num_vecs = static_cast<int>(p.hidden / kVec);
   // Inputs are only read, and outputs are fresh tensors, so the inputs may take the read-only
@@ -101,11 +104,11 @@ void launch_rms_norm(const RmsNormParams& p, cudaStream_t stream) {
   const float inv_hidden = 1.0f / static_cast<float>(p.hidden);
   dispatch_bool(vectorized, [&](auto vec) {
     dispatch_bool(fused, [&](auto add_residual) {
-      rms_norm_kernel<T, decltype(vec)::value, decltype(add_residual)::value>
-          <<<blocks, threads, 0, stream>>>(p, inv_hidden);
+      launch_with_pdl(rms_norm_kernel<T, decltype(vec)::value, decltype(add_residual)::value>,
+                      blocks, threads, 0, stream,
+                      fused ? "fused_add_rms_norm_kernel" : "rms_norm_kernel", p, inv_hidden);
     });
   });
-  check_launch(fused ? "fused_add_rms_norm_kernel" : "rms_norm_kernel");
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "common/common.h"
+#include "common/pdl.cuh"
 #include "common/vec.cuh"
 #include "kvcache/store_cache.cuh"
 #include "rotary/rotary.cuh"
@@ -40,6 +41,8 @@ __global__ void __launch_bounds__(kRotaryMaxThreads)
   constexpr int kPairs = pairs_per_item<T>(kNeox, kVectorized);
   constexpr int kCopy = kVectorized ? kVec16<T> : 1;  // elements per pass-through item
   constexpr bool kFp8Cache = std::is_same_v<TCache, Fp8>;
+  allow_dependent_launch();
+  wait_for_prior_grids();  // q, k and v come from the previous kernel (the QKV projection)
   const int64_t token = blockIdx.x;
   const int64_t pos = std::clamp<int64_t>(
       static_cast<const TPos*>(p.positions)[token * p.positions_stride], 0, p.max_positions - 1);
@@ -131,10 +134,10 @@ void launch_rotary_store_kvcache(const RotaryStoreKVCacheParams& p, bool positio
   const unsigned blocks = grid_x(p.num_tokens, kOp);
   dispatch_rotary_variant(positions_int64, p.is_neox, vectorized, [&](auto pos, auto neox,
                                                                       auto vec) {
-    rotary_store_kvcache_kernel<T, TCos, TCache, decltype(pos), decltype(neox)::value,
-                                decltype(vec)::value><<<blocks, block, 0, stream>>>(p);
+    launch_with_pdl(rotary_store_kvcache_kernel<T, TCos, TCache, decltype(pos),
+                                                decltype(neox)::value, decltype(vec)::value>,
+                    blocks, block, 0, stream, "rotary_store_kvcache_kernel", p);
   });
-  check_launch("rotary_store_kvcache_kernel");
 }
 
 }  // namespace

@@ -22,6 +22,10 @@ NS = [1, 7, 576, 960, 1000, 3072]
 # K: one 16-byte vector, under one warp's 256 elements, SmolLM2 hidden, 193 vectors (no multiple
 # of 32), Llama-1B hidden, Llama-1B intermediate (split-K inside the CTA for small N).
 KS = [8, 64, 576, 1544, 2048, 8192]
+# Shapes for the CUDA bulk-copy kernel's edges (M <= 4): 28 KB rows (a two-slot ring; Llama-3-8B's
+# down projection), rows over 48 KB (the register kernel instead), and many tiles per CTA (the
+# ring wraps dozens of times, an LM head's regime).
+EXTRA_SHAPES = [(3072, 14336), (1000, 24584), (20000, 2048)]
 # The torch backend runs on the CPU in CI: keep its weights at most this many elements.
 CPU_MAX_WEIGHT = 1 << 20
 
@@ -70,7 +74,8 @@ def check(out, x, weight, bias, name="y"):
     assert_within_lowp_error(out, ref, lowp, name=name)
 
 
-@pytest.mark.parametrize("backend,device,n,k", shape_cases([(n, k) for n in NS for k in KS]))
+@pytest.mark.parametrize("backend,device,n,k",
+                         shape_cases([(n, k) for n in NS for k in KS] + EXTRA_SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 def test_skinny_linear(backend, device, n, k, dtype, with_bias, poisoned_outputs):
@@ -81,9 +86,12 @@ def test_skinny_linear(backend, device, n, k, dtype, with_bias, poisoned_outputs
         x = strided_rows(rows, k, dtype, device)
         inputs = dict(x=x, weight=weight) | ({"bias": bias} if with_bias else {})
         originals = {name: t.clone() for name, t in inputs.items()}
-        out = ember.ops.skinny_linear(x, weight, bias, backend=backend)
-        assert_unchanged(inputs, originals)
-        check(out, x, weight, bias, name=f"y, M={rows}")
+        # static_weight only changes when the kernel may start reading the weight.
+        for static_weight in (False, True):
+            out = ember.ops.skinny_linear(x, weight, bias, static_weight=static_weight,
+                                          backend=backend)
+            assert_unchanged(inputs, originals)
+            check(out, x, weight, bias, name=f"y, M={rows}, static_weight={static_weight}")
 
 
 # Layouts the CUDA wrapper must take: contiguous x; a row slice of a wider buffer whose rows are
@@ -172,6 +180,37 @@ def test_skinny_linear_captures_in_cuda_graph_without_sync():
             assert torch.equal(got, want)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_skinny_linear_chain_reads_what_the_previous_kernel_wrote(rows):
+    """Back-to-back launches with no sync between them, each input the previous output and each
+    weight rewritten by a copy just before its GEMM: under programmatic dependent launch a
+    kernel that read x, or a non-static weight, before waiting for its predecessor would see
+    stale data. Repeated, since a race shows only some of the time."""
+    require_backend("cuda")
+    dtype, width, layers = torch.bfloat16, 2048, 6
+    weights = [make_weight(width, width, dtype, "cuda") for _ in range(layers)]
+    fresh = [make_weight(width, width, dtype, "cuda") for _ in range(layers)]
+    for trial in range(5):
+        x0 = torch.randn(rows, width, dtype=dtype, device="cuda")
+        x, outs = x0, []
+        for layer in range(layers):
+            # Even trials rewrite the weights (with static_weight=False, as the promise
+            # requires); odd ones keep them and take the static path.
+            static = trial % 2 == 1
+            if not static:
+                weights[layer].copy_(fresh[layer] if trial % 4 == 0 else -fresh[layer])
+            x = ember.ops.skinny_linear(x, weights[layer], static_weight=static,
+                                        backend="cuda")
+            outs.append(x)
+        torch.cuda.synchronize()
+        x = x0
+        for layer in range(layers):
+            want = reference.skinny_linear(x, weights[layer])
+            assert_matches_reference(outs[layer], want, name=f"trial {trial}, layer {layer}")
+            x = outs[layer]  # each layer checked on the input it actually got
+
+
 def test_custom_op_registration():
     """Schema and fake implementation agree: torch.compile / CUDA-graph ready."""
     x = torch.randn(3, 64, dtype=torch.float16)
@@ -179,7 +218,7 @@ def test_custom_op_registration():
     bias = torch.randn(24, dtype=torch.float16)
     gate_up = torch.randn(2, 128, dtype=torch.bfloat16)
     for args in ((x, weight, bias, None), (gate_up, weight.bfloat16(), None, "silu_and_mul")):
-        torch.library.opcheck(torch.ops.ember.skinny_linear.default, (*args, "torch"),
+        torch.library.opcheck(torch.ops.ember.skinny_linear.default, (*args, False, "torch"),
                               test_utils=("test_schema", "test_faketensor"))
 
 

@@ -16,6 +16,7 @@ from ember import ops
 from ember.models.attention import AttentionMetadata, paged_attention
 from ember.models.config import ModelConfig
 from ember.models.rope import cos_sin_cache
+from ember.ops.linear import SKINNY_K_MULTIPLE
 
 # Hugging Face projection name -> (our fused parameter, shard index inside it).
 STACKED_PROJECTIONS = {
@@ -24,11 +25,38 @@ STACKED_PROJECTIONS = {
 }
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """``nn.Linear`` whose single-row calls on CUDA (a batch-1 decode step) stream the weight
+    through ``ember.ops.skinny_linear``; other batches use torch's matmul.
+
+    ``forward(x, activation="silu_and_mul")`` takes ``[gate | up]`` and applies
+    ``silu_and_mul`` first (fused into the kernel on the single-row path: a Llama MLP's down
+    projection). The weights are constant during inference, so the kernel may start reading
+    them before the kernel that produces x has finished (``static_weight``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, backend: str):
+        super().__init__(in_features, out_features, bias=bias)
+        self.backend = backend
+        self.streamed = (backend in ("auto", "cuda")
+                         and "cuda" in ops.available_backends("skinny_linear")
+                         and in_features % SKINNY_K_MULTIPLE == 0)
+
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        if (self.streamed and x.shape[0] == 1 and x.is_cuda
+                and x.dtype in (torch.float16, torch.bfloat16)):
+            return ops.skinny_linear(x, self.weight, self.bias, activation=activation,
+                                     static_weight=True, backend="cuda")
+        if activation == "silu_and_mul":
+            x = ops.silu_and_mul(x, backend=self.backend)
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
     """A Linear whose output rows are several projections stacked (``shard_sizes`` rows each)."""
 
-    def __init__(self, in_features: int, shard_sizes: list, bias: bool):
-        super().__init__(in_features, sum(shard_sizes), bias=bias)
+    def __init__(self, in_features: int, shard_sizes: list, bias: bool, backend: str):
+        super().__init__(in_features, sum(shard_sizes), bias, backend)
         self.shard_sizes = list(shard_sizes)
 
     def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
@@ -57,8 +85,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.qkv_proj = FusedLinear(config.hidden_size,
                                     [config.q_size, config.kv_size, config.kv_size],
-                                    bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+                                    bias=config.attention_bias, backend=backend)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False, backend=backend)
         self.q_norm = self.k_norm = None
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend)
@@ -88,23 +116,12 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, backend: str):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = FusedLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
-        self.backend = backend
-        # A single row (a batch-1 decode step) goes through one kernel for silu_and_mul and the
-        # down projection: on the H100, 4.2 us against 6.7 for silu_and_mul then cuBLAS at
-        # SmolLM2's shape, 15.3 against 18.2 at Llama-3.2-1B's (bench/skinny_gemm_probe.py).
-        # With more rows cuBLAS is faster.
-        self.fuse_single_row = (backend in ("auto", "cuda")
-                                and "cuda" in ops.available_backends("skinny_linear"))
+        self.gate_up_proj = FusedLinear(config.hidden_size, [size, size], bias=False,
+                                        backend=backend)
+        self.down_proj = Linear(size, config.hidden_size, bias=False, backend=backend)
 
     def forward(self, x):
-        gate_up = self.gate_up_proj(x)
-        if (self.fuse_single_row and x.shape[0] == 1 and x.is_cuda
-                and x.dtype in (torch.float16, torch.bfloat16)):
-            return ops.skinny_linear(gate_up, self.down_proj.weight, activation="silu_and_mul",
-                                     backend="cuda")
-        return self.down_proj(ops.silu_and_mul(gate_up, backend=self.backend))
+        return self.down_proj(self.gate_up_proj(x), activation="silu_and_mul")
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -143,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
             LlamaDecoderLayer(config, config.layer_windows[i], backend)
             for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=backend)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Angles in float32, cos/sin rounded to the weights' dtype as transformers does.
@@ -159,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable) -> None:
         """Copy Hugging Face-named tensors ``(name, tensor)`` into the parameters.

@@ -13,7 +13,7 @@ SKINNY_K_MULTIPLE = 8
 ACTIVATIONS = (None, "silu_and_mul")
 
 
-def skinny_linear(x, weight, bias=None, *, activation=None, backend="auto"):
+def skinny_linear(x, weight, bias=None, *, activation=None, static_weight=False, backend="auto"):
     """``y = x @ weight^T (+ bias)`` for a few rows of x, accumulated in float32.
 
     A linear layer for decode, where the batch is a handful of tokens and the time is that of
@@ -29,6 +29,11 @@ def skinny_linear(x, weight, bias=None, *, activation=None, backend="auto"):
             rounded to x's dtype exactly as :func:`ember.ops.silu_and_mul` rounds it, so the
             result is that of ``skinny_linear(silu_and_mul(x), weight, bias)`` in one kernel
             (a Llama MLP's down projection).
+        static_weight: a promise that no kernel queued before this call writes ``weight``
+            (model weights at inference time). The CUDA kernel may then start streaming the
+            weight before the kernel that produces x has finished (programmatic dependent
+            launch on Hopper). Breaking the promise is a race; the result does not otherwise
+            depend on it.
 
     Returns ``[M, N]`` in x's dtype: the float32 sum (plus bias) rounded once.
     """
@@ -54,17 +59,21 @@ def skinny_linear(x, weight, bias=None, *, activation=None, backend="auto"):
         check_tensor(op, "bias", bias, dtypes=HALF_DTYPES, shape=(n,), device=x.device)
         check_same(op, "dtype", x=x.dtype, bias=bias.dtype)
     chosen = _registry.resolve(op, backend, x.device)
-    return torch.ops.ember.skinny_linear(x, weight, bias, activation, chosen)
+    return torch.ops.ember.skinny_linear(x, weight, bias, activation, bool(static_weight), chosen)
 
 
 @torch.library.custom_op("ember::skinny_linear", mutates_args=())
 def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      activation: str | None, backend: str) -> torch.Tensor:
-    return _registry.implementation("skinny_linear", backend)(x, weight, bias, activation)
+                      activation: str | None, static_weight: bool,
+                      backend: str) -> torch.Tensor:
+    implementation = _registry.implementation("skinny_linear", backend)
+    if backend == "cuda":
+        return implementation(x, weight, bias, activation, static_weight=static_weight)
+    return implementation(x, weight, bias, activation)  # the result does not depend on the hint
 
 
 @_skinny_linear_op.register_fake
-def _(x, weight, bias, activation, backend):
+def _(x, weight, bias, activation, static_weight, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
