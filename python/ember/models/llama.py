@@ -16,7 +16,7 @@ from ember import ops
 from ember.models.attention import AttentionMetadata, paged_attention
 from ember.models.config import ModelConfig
 from ember.models.rope import cos_sin_cache
-from ember.ops.linear import SKINNY_K_MULTIPLE
+from ember.ops.linear import SKINNY_K_MULTIPLE, skinny_prefetches_whole_weight
 
 # Hugging Face projection name -> (our fused parameter, shard index inside it).
 STACKED_PROJECTIONS = {
@@ -26,25 +26,28 @@ STACKED_PROJECTIONS = {
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose single-row calls on CUDA (a batch-1 decode step) stream the weight
-    through ``ember.ops.skinny_linear``; other batches use torch's matmul.
+    """``nn.Linear`` whose single-row calls on CUDA (a batch-1 decode step) may go through
+    ``ember.ops.skinny_linear``; other batches use torch's matmul.
 
     ``forward(x, activation="silu_and_mul")`` takes ``[gate | up]`` and applies
-    ``silu_and_mul`` first (fused into the kernel on the single-row path: a Llama MLP's down
-    projection). The weights are constant during inference, so the kernel may start reading
-    them before the kernel that produces x has finished (``static_weight``).
+    ``silu_and_mul`` first. A single row takes the skinny kernel where it beats cuBLAS on the
+    H100 (bench/skinny_gemm_probe.py, a Llama-3.2-1B step): with the activation fused (the MLP's
+    down projection, 15.3 against 18.2 us for silu_and_mul then cuBLAS) and for weights small
+    enough to be read whole before x exists (the O projection, 4.7 against 6.9 us in the step).
+    The weights are constant during inference, hence ``static_weight``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, backend: str):
         super().__init__(in_features, out_features, bias=bias)
         self.backend = backend
-        self.streamed = (backend in ("auto", "cuda")
-                         and "cuda" in ops.available_backends("skinny_linear")
-                         and in_features % SKINNY_K_MULTIPLE == 0)
+        self.skinny = (backend in ("auto", "cuda")
+                       and "cuda" in ops.available_backends("skinny_linear")
+                       and in_features % SKINNY_K_MULTIPLE == 0)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        if (self.streamed and x.shape[0] == 1 and x.is_cuda
-                and x.dtype in (torch.float16, torch.bfloat16)):
+        if (self.skinny and x.shape[0] == 1 and x.is_cuda
+                and x.dtype in (torch.float16, torch.bfloat16)
+                and (activation is not None or skinny_prefetches_whole_weight(self.weight))):
             return ops.skinny_linear(x, self.weight, self.bias, activation=activation,
                                      static_weight=True, backend="cuda")
         if activation == "silu_and_mul":
