@@ -143,6 +143,22 @@ def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_time_ms(fn: Callable[[], object], *, warmup_ms: float = 25,
+                  rep_ms: float = 120) -> float:
+    """Median time of one ``fn()`` in milliseconds, replayed from a CUDA graph.
+
+    ``triton.testing.do_bench_cudagraph`` captures ``fn`` (several calls per graph) and times
+    graph replays, so the host's launch cost and the gaps between calls drop out: what remains is
+    the GPU time of back-to-back calls, as when a model's CUDA graph runs them. No L2 flush: the
+    inputs must rotate (``Rotation``) if they could otherwise stay in L2. The function warms up
+    by its own capture runs, so ``warmup_ms`` is unused.
+    """
+    from triton.testing import do_bench_cudagraph
+
+    del warmup_ms
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
 def l2_cache_bytes() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
 
@@ -241,23 +257,33 @@ class Context:
             self.note(f"{what} failed: {_first_line(exc)}")
             return None
 
-    def time(self, fn: Callable[[], object]) -> float:
-        return self._timer(fn, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
+    def time(self, fn: Callable[[], object], *, graph: bool = False) -> float:
+        """``fn``'s time in ms: by ``graph_time_ms`` with ``graph``, else by the suite's timer."""
+        timer = graph_time_ms if graph else self._timer
+        return timer(fn, warmup_ms=self.warmup_ms, rep_ms=self.rep_ms)
 
     def bench(self, *, op: str, params: Mapping, flops: float, bytes: float,
               providers: Mapping[str, Callable[[], object]], anchors: Iterable[str] = (),
               extras: Mapping[str, Mapping] | None = None,
-              compute_peak: str = "matmul_bf16_tflops") -> list[dict]:
+              compute_peak: str = "matmul_bf16_tflops",
+              graph_timed: Iterable[str] = ()) -> list[dict]:
         """Time every provider on one case and record a row each (see ``record``).
 
-        A provider that raises gets a row with ``error`` and a note; if it left the CUDA context
-        broken, ``FatalCudaError`` stops the run (the rows so far are still saved).
+        Providers named in ``graph_timed`` are timed by CUDA-graph replay (``graph_time_ms``),
+        the others by the suite's timer; with ``graph_timed`` given, each row says which in
+        ``timing``. A provider that raises gets a row with ``error`` and a note; if it left the
+        CUDA context broken, ``FatalCudaError`` stops the run (the rows so far are still saved).
         """
         times: dict[str, float | None] = {}
         errors: dict[str, str] = {}
+        graph_timed = set(graph_timed)
+        if graph_timed:
+            extras = {name: {**(extras or {}).get(name, {}),
+                             "timing": "graph" if name in graph_timed else "events"}
+                      for name in providers}
         for name, fn in providers.items():
             try:
-                times[name] = self.time(fn)
+                times[name] = self.time(fn, graph=name in graph_timed)
             except Exception as exc:  # a provider failing must not end the whole run
                 _raise_if_cuda_broken(exc)
                 times[name] = None
