@@ -99,13 +99,9 @@ struct DecodeConfig {
   static constexpr int kThreads = kWarps * 32;
 
   static constexpr int kBlockM = kWarpRows * kWarpsM;
-  // 16 keys per warp and tile in the decode layout (the k16 step of P V), 32 at d <= 64, where a
-  // 64-key tile is only 16 KB of K+V and the per-tile barriers and softmax bookkeeping cost as
-  // much as its bytes; 64-key tiles in the append layout, 32 at d = 256 to keep the shared
-  // memory of two stages under the budget.
-  static constexpr int kBlockN = (kWarpsM == 1 && kHeadDim <= 64)    ? 128
-                                 : (kWarpsM == 1 || kHeadDim <= 128) ? 64
-                                                                     : 32;
+  // 16 keys per warp and tile in the decode layout (the k16 step of P V); 64-key tiles in the
+  // append layout, 32 at d = 256 to keep the shared memory of two stages under the budget.
+  static constexpr int kBlockN = (kWarpsM == 1 || kHeadDim <= 128) ? 64 : 32;
   static constexpr int kWarpKeys = kBlockN / kWarpsN;
   static constexpr int kNTiles = kWarpKeys / 8;  // n8 tiles of S per warp
   static constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O per warp
