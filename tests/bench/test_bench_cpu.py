@@ -276,6 +276,10 @@ def test_decode_suite_plumbing_on_cpu(tiny_decode, tmp_path):
     assert len(by_op["decode"]) == 4 * 6 and len(by_op["decode_fp8"]) == 4 * 2
     assert {r["provider"] for r in by_op["decode_fp8"]} == {"ember-torch-kernel"}
     assert len(by_op["decode_append"]) == 2 * 4  # cache lengths x providers
+    # Kernel rows and anchors are graph-timed; the public rows (host syncs) per call.
+    for r in ctx.rows:
+        public = r["provider"].startswith("ember-") and not r["provider"].endswith("-kernel")
+        assert r["timing"] == ("events" if public else "graph"), r
 
     def timed(op, provider, row, layout):
         keys = ("heads_q", "heads_kv", "head_dim", "batch", "cache_len")
