@@ -36,7 +36,6 @@
 //     cp.async phases span two 64-byte blocks and see 2-way conflicts; reads stay free).
 #pragma once
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -596,28 +595,9 @@ void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const int num_m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   if (num_m_blocks == 0 || p.heads_q == 0 || p.batch == 0) return;  // nothing to write
   const auto kernel = flash_fwd_kernel<Cfg>;
-  if constexpr (Cfg::kSmemBytes > 48 * 1024) {
-    // Opting in to more than 48 KB of dynamic shared memory is per device; do it once each.
-    static std::atomic<uint64_t> configured{0};
-    int device = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-    if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
-      int optin = 0;
-      check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                 "cudaDeviceGetAttribute");
-      if (Cfg::kSmemBytes > optin) {
-        throw std::invalid_argument(
-            "ember: flash_attn: head_dim " + std::to_string(Cfg::kHeadDim) + " needs " +
-            std::to_string(Cfg::kSmemBytes) +
-            " bytes of shared memory per block; this GPU allows " + std::to_string(optin));
-      }
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      Cfg::kSmemBytes),
-                 "cudaFuncSetAttribute(flash_fwd_kernel)");
-      configured.fetch_or(bit, std::memory_order_relaxed);
-    }
-  }
+  opt_in_dynamic_smem<flash_fwd_kernel<Cfg>>(Cfg::kSmemBytes, [] {
+    return "flash_attn: head_dim " + std::to_string(Cfg::kHeadDim);
+  });
   const dim3 grid(num_m_blocks, p.heads_q, p.batch);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   check_launch("flash_fwd_kernel");

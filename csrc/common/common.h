@@ -7,6 +7,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -38,23 +39,49 @@ inline unsigned grid_x(int64_t count, const char* op) {
   return static_cast<unsigned>(count);
 }
 
-// The current device's compute capability major version, looked up once per device.
-inline int current_device_cc_major() {
-  static int major_of[64] = {};  // 0: not looked up yet
+// The current device's index.
+inline int current_device() {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  if (device >= 64) {
-    int major = 0;
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-               "cudaDeviceGetAttribute");
-    return major;
+  return device;
+}
+
+// The current device's compute capability major version, looked up once per device (of the
+// first 64).
+inline int current_device_cc_major() {
+  static int major_of[64] = {};  // 0: not looked up yet
+  const int device = current_device();
+  if (device < 64 && major_of[device] != 0) return major_of[device];
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "cudaDeviceGetAttribute");
+  if (device < 64) major_of[device] = major;
+  return major;
+}
+
+// Opts Kernel in to `bytes` of dynamic shared memory, which past 48 KB is needed per kernel and
+// device; done once for each (Kernel, device) of the first 64. If the device allows less, throws
+// std::invalid_argument: "ember: <describe()> needs <bytes> bytes of shared memory per block;
+// this GPU allows <limit>" (describe() is only called then).
+template <auto Kernel, typename Describe>
+void opt_in_dynamic_smem(int bytes, Describe&& describe) {
+  if (bytes <= 48 * 1024) return;
+  static std::atomic<uint64_t> configured{0};
+  const int device = current_device();
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit)) return;
+  int limit = 0;
+  check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  if (bytes > limit) {
+    throw std::invalid_argument("ember: " + std::string(describe()) + " needs " +
+                                std::to_string(bytes) +
+                                " bytes of shared memory per block; this GPU allows " +
+                                std::to_string(limit));
   }
-  if (major_of[device] == 0) {
-    check_cuda(cudaDeviceGetAttribute(&major_of[device], cudaDevAttrComputeCapabilityMajor,
-                                      device),
-               "cudaDeviceGetAttribute");
-  }
-  return major_of[device];
+  check_cuda(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute");
+  configured.fetch_or(bit, std::memory_order_relaxed);
 }
 
 inline cudaStream_t as_stream(std::intptr_t stream) {

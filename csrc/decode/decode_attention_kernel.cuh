@@ -46,7 +46,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -740,34 +739,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 // Launch
 // ------------------------------------------------------------------------------------------
 
-// Opting in to more than 48 KB of dynamic shared memory is per device and kernel; done once.
-template <class Cfg>
-void ensure_smem_limit() {
-  if constexpr (Cfg::kSmemBytes > 48 * 1024) {
-    static std::atomic<uint64_t> configured{0};
-    int device = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-    if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit)) return;
-    int optin = 0;
-    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-               "cudaDeviceGetAttribute");
-    if (Cfg::kSmemBytes > optin) {
-      throw std::invalid_argument(
-          "ember: flash_attn_with_kvcache: head_dim " + std::to_string(Cfg::kHeadDim) +
-          " needs " + std::to_string(Cfg::kSmemBytes) +
-          " bytes of shared memory per block; this GPU allows " + std::to_string(optin));
-    }
-    check_cuda(cudaFuncSetAttribute(decode_attention_kernel<Cfg>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-               "cudaFuncSetAttribute(decode_attention_kernel)");
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
-}
-
 template <class Cfg>
 void launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
-  ensure_smem_limit<Cfg>();
+  opt_in_dynamic_smem<decode_attention_kernel<Cfg>>(Cfg::kSmemBytes, [] {
+    return "flash_attn_with_kvcache: head_dim " + std::to_string(Cfg::kHeadDim);
+  });
   const int64_t rows = static_cast<int64_t>(p.heads_q / p.heads_kv) * p.seqlen_q;
   const int64_t m_blocks = (rows + Cfg::kBlockM - 1) / Cfg::kBlockM;
   const dim3 grid(static_cast<unsigned>(m_blocks * p.num_splits), p.heads_kv, p.batch);

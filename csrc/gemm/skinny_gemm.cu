@@ -33,7 +33,6 @@
 //   2 SFU operations per element per warp, cheap for M = 1..2 (saving the separate kernel and its
 //   launch is the point); for larger M the unfused pair may be faster.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -248,7 +247,7 @@ void launch(const SkinnyGemmParams& p, int k_splits, cudaStream_t stream) {
 // The register kernel above keeps 32 KB per SM in flight with ~8 load instructions per lane per
 // iteration, and its many short warps pay their ramp-up and tail at every launch. Here one
 // 256-thread CTA per SM owns a contiguous range of weight rows and one thread streams them in
-// with the bulk copy engine, a few 16 KB tiles (kBulkRows rows each) in flight at all times: a
+// with the bulk copy engine, a few 16 KB tiles (rows_per_tile rows each) in flight at all times: a
 // tile is one instruction, and the bytes in flight no longer cost registers. Each tile's rows
 // are split between the warps (8 / rows warps per row, each a strided share of K), which read
 // the weight and x from shared memory; the warps' partial sums meet in shared memory and the
@@ -267,6 +266,11 @@ constexpr int64_t kBulkRingTarget = 64 * 1024;    // bytes of tiles per CTA
 constexpr int64_t kBulkMaxRowBytes = 48 * 1024;   // one row must fit in a tile
 constexpr int64_t kBulkMaxInputBytes = 64 * 1024; // x staged in shared memory
 constexpr int kBulkHeaderBytes = 512;  // barriers, then the double-buffered partial sums
+// The most any plan takes: a ring is at most kBulkRingTarget or two slots of the longest row.
+constexpr int kBulkMaxSmemBytes =
+    kBulkHeaderBytes + kBulkMaxInputBytes +
+    (kBulkRingTarget > 2 * (kBulkMaxRowBytes + 128) ? kBulkRingTarget
+                                                    : 2 * (kBulkMaxRowBytes + 128));
 
 struct BulkPlan {
   int rows_per_tile;  // 1, 2, 4 or 8: a divisor of kBulkWarps
@@ -274,6 +278,7 @@ struct BulkPlan {
   int stage_bytes;    // rows_per_tile rows, rounded up to 128 bytes
   int input_bytes;    // kM rows of x, rounded up to 128 bytes
   int64_t num_tiles;
+  int ctas;           // one per SM, or one per tile if fewer
   bool static_weight;
   int smem_bytes() const { return kBulkHeaderBytes + input_bytes + stages * stage_bytes; }
 };
@@ -291,7 +296,8 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_per_tile = plan.rows_per_tile, stages = plan.stages;
   const int64_t tile_begin = plan.num_tiles * blockIdx.x / gridDim.x;
-  const int num_tiles = static_cast<int>(plan.num_tiles * (blockIdx.x + 1) / gridDim.x - tile_begin);
+  const int num_tiles =
+      static_cast<int>(plan.num_tiles * (blockIdx.x + 1) / gridDim.x - tile_begin);
   const int64_t row_bytes = p.k * static_cast<int64_t>(sizeof(T));
   const int num_vecs = static_cast<int>(p.k / kElemsPerVec);
 
@@ -415,8 +421,8 @@ BulkPlan choose_bulk_plan(int m_tile, int64_t n, int64_t k, int elem_bytes, int 
   plan.rows_per_tile = rows;
   plan.stage_bytes = static_cast<int>(round_up(rows * row_bytes, 128));
   plan.num_tiles = (n + rows - 1) / rows;
-  const int64_t ctas = std::min<int64_t>(plan.num_tiles, num_sms);
-  const int64_t tiles_per_cta = (plan.num_tiles + ctas - 1) / ctas;
+  plan.ctas = static_cast<int>(std::min<int64_t>(plan.num_tiles, num_sms));
+  const int64_t tiles_per_cta = (plan.num_tiles + plan.ctas - 1) / plan.ctas;
   // At least two slots so that a tile lands while another is read; no more than a CTA's tiles.
   plan.stages = static_cast<int>(std::clamp<int64_t>(
       std::min(kBulkRingTarget / plan.stage_bytes, tiles_per_cta), 2, kBulkMaxStages));
@@ -425,30 +431,13 @@ BulkPlan choose_bulk_plan(int m_tile, int64_t n, int64_t k, int elem_bytes, int 
   return plan;
 }
 
-// Raises the kernel's dynamic shared memory limit to what any plan can use, once per device.
 template <typename T, int kM, bool kSilu>
-void allow_bulk_smem() {
-  static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit)) return;
-  const int max_bytes = static_cast<int>(kBulkHeaderBytes + kBulkMaxInputBytes +
-                                         kBulkMaxStages * (kBulkMaxRowBytes + 128));
-  check_cuda(cudaFuncSetAttribute(skinny_gemm_bulk_kernel<T, kM, kSilu>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  std::min(max_bytes, 227 * 1024)),
-             "cudaFuncSetAttribute(skinny_gemm_bulk_kernel)");
-  configured.fetch_or(bit, std::memory_order_relaxed);
-}
-
-template <typename T, int kM, bool kSilu>
-void launch_bulk(const SkinnyGemmParams& p, const BulkPlan& plan, int num_sms,
-                 cudaStream_t stream) {
-  allow_bulk_smem<T, kM, kSilu>();
-  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(plan.num_tiles, num_sms));
-  launch_with_pdl(skinny_gemm_bulk_kernel<T, kM, kSilu>, ctas, kBulkThreads, plan.smem_bytes(),
-                  stream, "skinny_gemm_bulk_kernel", p, plan);
+void launch_bulk(const SkinnyGemmParams& p, const BulkPlan& plan, cudaStream_t stream) {
+  // Opt in to what any plan can use, so that this happens once per device.
+  opt_in_dynamic_smem<skinny_gemm_bulk_kernel<T, kM, kSilu>>(kBulkMaxSmemBytes,
+                                                             [] { return "skinny_gemm"; });
+  launch_with_pdl(skinny_gemm_bulk_kernel<T, kM, kSilu>, plan.ctas, kBulkThreads,
+                  plan.smem_bytes(), stream, "skinny_gemm_bulk_kernel", p, plan);
 }
 
 // Calls f(std::integral_constant<int, kM>{}) for the smallest instantiated kM >= m.
@@ -482,7 +471,7 @@ void launch_skinny_gemm(const SkinnyGemmParams& p, int num_sms, cudaStream_t str
         const BulkPlan plan =
             choose_bulk_plan(kM, p.n, p.k, sizeof(T), num_sms, p.static_weight);
         if (plan.rows_per_tile != 0) {
-          launch_bulk<T, kM, kSilu>(p, plan, num_sms, stream);
+          launch_bulk<T, kM, kSilu>(p, plan, stream);
           return;
         }
       }
