@@ -212,7 +212,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
                    offsets_ptr, out_ptr, vocab, row_stride,
                    BLOCK_V: tl.constexpr, MAX_BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr):
     """Token of row ``program_id(0)``: logits ``[B, V]`` fp16/bf16/fp32 rows ``row_stride``
-    elements apart; temperature, top_p, min_p float32 ``[B]``; top_k int32 ``[B]``; seeds,
+    elements apart; temperature, top_p, min_p float32 ``[B]``; top_k int32/int64 ``[B]``; seeds,
     offsets int64 ``[B]``; out int64 ``[B]``."""
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
@@ -259,7 +259,7 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     """One token per row; the launcher behind ``ember.ops.sample`` (inputs already checked).
 
     logits ``[B, V]`` fp16/bf16/fp32/fp64 with a contiguous last dim; temperature, top_p,
-    min_p float32 ``[B]``; top_k int32 ``[B]``; seeds, offsets int64 ``[B]``, all on one
+    min_p float32 ``[B]``; top_k int32 or int64 ``[B]``; seeds, offsets int64 ``[B]``, all on one
     device. Returns int64 ``[B]``.
     """
     batch, vocab = logits.shape

@@ -2,12 +2,13 @@
 
 A decode-only step of ``n`` sequences replays the graph captured for the smallest batch size
 ``>= n``; the extra rows are padding: no slot to store their K/V (-1) and no key to attend to.
-All the step's inputs live in static device buffers, filled from pinned host buffers by a few
-small copies (token ids, positions and slots; key counts; sampling parameters; block table);
+All the step's inputs live in one static device buffer, filled from a pinned host mirror by one
+copy (token ids, positions and slots; key counts; sampling parameters; block table rows);
 what comes back is the sampled token ids on the device (sampled outside the graph, from its
 logits, for the rare step whose sampling needs host-side edits).
 """
 
+import math
 import time
 
 import numpy as np
@@ -25,8 +26,14 @@ def graph_batch_sizes(max_num_seqs: int) -> list:
     return sizes + [largest]
 
 
-def _pinned(shape, dtype) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, pin_memory=True)
+def _views(buffer: torch.Tensor, regions: list) -> dict:
+    """Typed views ``name -> [shape] dtype`` of consecutive regions of a uint8 buffer."""
+    views, offset = {}, 0
+    for name, dtype, shape in regions:
+        size = math.prod(shape) * dtype.itemsize
+        views[name] = buffer[offset:offset + size].view(dtype).view(shape)
+        offset += size
+    return views
 
 
 class DecodeGraphs:
@@ -36,22 +43,28 @@ class DecodeGraphs:
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_num_seqs)
         largest = self.sizes[-1]
-        # Static inputs. tokens: rows (input ids, positions, KV slots); seqlens: keys attended;
+        # Static inputs, all views of one device byte buffer so that a step's inputs arrive
+        # in one copy. tokens: rows (input ids, positions, KV slots); seqlens: keys attended;
         # floats/ints: the sampling rows of sampler.py. Until a step fills them, every row is
-        # padding.
-        self.tokens = torch.zeros(3, largest, dtype=torch.int64, device=device)
+        # padding. The block table comes last: a step copies only its first n rows.
+        regions = [("tokens", torch.int64, (3, largest)), ("ints", torch.int64, (3, largest)),
+                   ("floats", torch.float32, (3, largest)), ("seqlens", torch.int32, (largest,)),
+                   ("block_table", torch.int32, (largest, max_blocks_per_seq))]
+        nbytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in regions)
+        self.static = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        for name, view in _views(self.static, regions).items():
+            setattr(self, name, view)
         self.tokens[2] = -1
-        self.seqlens = torch.zeros(largest, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros(largest, max_blocks_per_seq, dtype=torch.int32,
-                                       device=device)
-        self.floats = torch.zeros(3, largest, dtype=torch.float32, device=device)
-        self.ints = torch.zeros(3, largest, dtype=torch.int64, device=device)
-        # Their pinned host sources, two sets used in turn: with async scheduling a step is
-        # prepared while the previous one's copies may still be queued behind the step before.
-        # Two steps back, those copies ran before a step whose tokens reached the host.
-        self.host_inputs = [tuple(_pinned(t.shape, t.dtype) for t in
-                                  (self.tokens, self.seqlens, self.floats, self.ints))
-                            for _ in range(2)]
+        self._table_offset = self.block_table.data_ptr() - self.static.data_ptr()
+        self._table_row_bytes = max_blocks_per_seq * 4
+        # Their pinned host mirror, two used in turn: with async scheduling a step is prepared
+        # while the previous one's copy may still be queued behind the step before. Two steps
+        # back, that copy ran before a step whose tokens reached the host.
+        self.host_inputs = []
+        for _ in range(2):
+            pinned = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.host_inputs.append(
+                (pinned, {name: t.numpy() for name, t in _views(pinned, regions).items()}))
         self._turn = 0
         self.graphs: dict = {}  # size -> (graph, logits, token ids)
         start = time.perf_counter()
@@ -101,25 +114,23 @@ class DecodeGraphs:
         n, size = len(seqs), self.size_for(len(seqs))
         table = block_tables(seqs)
         positions = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
-        host = self.host_inputs[self._turn]
+        pinned, host = self.host_inputs[self._turn]
         self._turn ^= 1
-        tokens, seqlens, floats, ints = (t.numpy() for t in host)
+        tokens = host["tokens"]
         tokens[0, :n] = [s.token_ids[-1] for s in seqs]
         tokens[1, :n] = positions
         tokens[2, :n] = slot_mapping(table, np.arange(n), positions, self.block_size)
         tokens[:, n:size] = [[0], [0], [-1]]
-        seqlens[:n] = positions + 1
-        seqlens[n:size] = 0
-        fill_sampling_rows(seqs, floats, ints)
-
-        # Whole static buffers are copied (a few KB): contiguous copies straight from pinned
-        # memory.
-        for static, pinned in zip((self.tokens, self.seqlens, self.floats, self.ints), host,
-                                  strict=True):
-            static.copy_(pinned, non_blocking=True)
+        host["seqlens"][:n] = positions + 1
+        host["seqlens"][n:size] = 0
+        fill_sampling_rows(seqs, host["floats"], host["ints"])
+        # Rows past n of the table are padding rows' (no key read) and columns past a
+        # sequence's blocks are never read either: stale values there are harmless.
+        host["block_table"][:n, :table.shape[1]] = table
+        end = self._table_offset + n * self._table_row_bytes
+        self.static[:end].copy_(pinned[:end], non_blocking=True)
         if input_ids is not None:
             self.tokens[0, :n].copy_(input_ids)
-        self.block_table[:n, :table.shape[1]].copy_(torch.from_numpy(table), non_blocking=True)
         graph, logits, token_ids = self.graphs[size]
         graph.replay()
         if self.sampler.needs_logit_edits(seqs):

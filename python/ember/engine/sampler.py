@@ -39,7 +39,7 @@ class Sampler:
         self.backend = backend
 
     def __call__(self, logits: torch.Tensor, seqs: list) -> torch.Tensor:
-        """logits float32 ``[len(seqs), vocab]`` -> int64 ``[len(seqs)]`` token ids."""
+        """logits (any float dtype) ``[len(seqs), vocab]`` -> int64 ``[len(seqs)]`` token ids."""
         n = len(seqs)
         floats, ints = np.empty((3, n), np.float32), np.empty((3, n), np.int64)
         fill_sampling_rows(seqs, floats, ints)

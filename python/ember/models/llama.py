@@ -151,8 +151,9 @@ class LlamaForCausalLM(nn.Module):
 
     ``forward(input_ids, positions, meta, kv_caches)``: input_ids and positions int64
     ``[num_tokens]``; ``kv_caches[i]`` the ``(k_cache, v_cache)`` of layer ``i``; returns the
-    final hidden states ``[num_tokens, hidden]``. ``compute_logits(hidden)`` gives float32
-    ``[rows, vocab]``. ``max_positions`` bounds the rotary table (the engine's max_model_len).
+    final hidden states ``[num_tokens, hidden]``. ``compute_logits(hidden)`` gives ``[rows,
+    vocab]`` in the weights' dtype. ``max_positions`` bounds the rotary table (the engine's
+    max_model_len).
     """
 
     def __init__(self, config: ModelConfig, max_positions: int, backend: str = "auto"):
@@ -179,7 +180,9 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        # In the weights' dtype: the sampler reads bf16/fp16 logits in float32 itself, so a
+        # float32 copy of a 128k-token row would be one more kernel per step for nothing.
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable) -> None:
         """Copy Hugging Face-named tensors ``(name, tensor)`` into the parameters.

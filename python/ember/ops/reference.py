@@ -670,8 +670,8 @@ def _gumbel_argmax(scores, seed, offset, stream):
 def sample(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     """One token per row of ``logits [B, V]``; int64 ``[B]``.
 
-    Per-row parameters (``[B]``): temperature float32, top_k int32, top_p float32, min_p
-    float32, seeds int64, offsets int64. Rows with ``temperature <= 0`` (or NaN) are greedy:
+    Per-row parameters (``[B]``): temperature float32, top_k int32 or int64, top_p float32,
+    min_p float32, seeds int64, offsets int64. Rows with ``temperature <= 0`` (or NaN) are greedy:
     the first index of the largest logit. Other rows, with ``z = (logits - max(logits)) /
     temperature`` and ``p = softmax(z)``, keep token i if all of:
 

@@ -16,10 +16,10 @@ from ember.ops._validation import FLOAT_DTYPES, check_tensor
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
-# name -> (kind, dtype the kernels read, value when the argument is None, allowed range).
+# name -> (kind, float dtype the kernels read, value when the argument is None, allowed range).
 _ROW_PARAMS = {
     "temperature": ("float", torch.float32, None, "finite and >= 0"),
-    "top_k": ("int", torch.int32, 0, ">= -1 (0 or -1: off; >= vocab: off)"),
+    "top_k": ("int", None, 0, ">= -1 (0 or -1: off; >= vocab: off)"),
     "top_p": ("float", torch.float32, 1.0, "in (0, 1]"),
     "min_p": ("float", torch.float32, 0.0, "in [0, 1]"),
 }
@@ -59,8 +59,10 @@ def _row_param(op, name, value, batch, device):
         bad = host[_bad_values(name, host)][0].item()
         raise ValueError(f"{op}: {name} must be {allowed}, got {bad}")
     if kind == "int":
-        # Every value past int32 means "off" (>= vocab): clip it rather than let it wrap.
-        value = value.clamp(max=torch.iinfo(torch.int32).max)
+        # The kernels read int32 or int64 counts as they come: a count tensor passes through
+        # untouched (no extra kernels in a decode step). A number became int64 above, where
+        # every value past int32 already means "off" (>= vocab).
+        return value
     return value.to(dtype)
 
 
