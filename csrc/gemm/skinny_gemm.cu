@@ -73,6 +73,10 @@ __device__ __forceinline__ uint4 load_streaming(const void* p) {
   return v;
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
+}
+
 __device__ __forceinline__ float2 word_to_float2(uint32_t word, __half) {
   __half2 h;
   memcpy(&h, &word, sizeof(h));
@@ -122,7 +126,6 @@ __global__ void __launch_bounds__(kThreads)
   // Rows of x that exist whenever this kM was chosen (M is rounded up to the next kM).
   constexpr int kMinM = kM / 2 + 1;
   allow_dependent_launch();
-  wait_for_prior_grids();  // x comes from the previous kernel
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int slice = warp % k_splits;
@@ -141,6 +144,20 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = warp_row0 + r < p.n ? warp_row0 + r : p.n - 1;
     w_rows[r] = w + row * p.k;
   }
+
+  // A static weight's first iteration is requested into L2 before the wait, so that its DRAM
+  // round trip overlaps the end of the kernel that produces x.
+  if (p.static_weight) {
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int vec = slice * 32 + lane + s * vec_stride;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (vec < num_vecs) prefetch_l2(w_rows[r] + int64_t{vec} * kElemsPerVec);
+      }
+    }
+  }
+  wait_for_prior_grids();  // x comes from the previous kernel
 
   float acc[kRows][kM] = {};
   for (int vec0 = slice * 32 + lane; vec0 < num_vecs; vec0 += kSteps * vec_stride) {
@@ -211,13 +228,16 @@ __global__ void __launch_bounds__(kThreads)
 // Rows per warp and K splits per CTA. More rows per warp divide the x traffic (M / kRows per
 // weight byte; 4 rows for M >= 4) but give fewer warps; while the grid has fewer than
 // kTargetWarpsPerSm warps per SM, first split K (if every slice keeps at least one full
-// iteration of loads), then take fewer rows per warp.
+// iteration of loads), then take fewer rows per warp. With the silu prologue, 4 rows per warp
+// at every M: each warp computes silu for the K vectors it reads, so the SFU work is the
+// weight's rows / kRows times K (K split between a CTA's warps costs nothing extra). At M = 1
+// that halves the 2 rows per warp of the plain GEMM, whose x needs no computing.
 struct Config {
   int rows, k_splits;
 };
 
-Config choose_config(int m_tile, int64_t n, int64_t num_vecs, int num_sms) {
-  Config c{m_tile >= 4 ? 4 : 2, 1};
+Config choose_config(int m_tile, bool silu, int64_t n, int64_t num_vecs, int num_sms) {
+  Config c{m_tile >= 4 || silu ? 4 : 2, 1};
   const int64_t target_warps = int64_t{num_sms} * kTargetWarpsPerSm;
   while ((n + c.rows - 1) / c.rows * c.k_splits < target_warps) {
     const int64_t steps = steps_per_iteration(m_tile, c.rows);
@@ -475,7 +495,7 @@ void launch_skinny_gemm(const SkinnyGemmParams& p, int num_sms, cudaStream_t str
           return;
         }
       }
-      const Config c = choose_config(kM, p.n, p.k / kElemsPerVec, num_sms);
+      const Config c = choose_config(kM, kSilu, p.n, p.k / kElemsPerVec, num_sms);
       switch (c.rows) {
         case 1:
           launch<T, kM, 1, kSilu>(p, c.k_splits, stream);
