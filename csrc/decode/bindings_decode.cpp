@@ -29,7 +29,7 @@ void bind_decode(py::module_& m) {
          py::tuple out_strides, py::tuple lse_strides, py::tuple part_strides,
          py::tuple lse_part_strides,
          double softmax_scale, int window_left, int window_right, int dtype, int cache_dtype,
-         intptr_t stream) {
+         py::object new_token, intptr_t stream) {
         DecodeParams p{};
         p.q = ptr_arg<const void>(q);
         p.k_cache = ptr_arg<const void>(k_cache);
@@ -79,6 +79,27 @@ void bind_decode(py::module_& m) {
         p.softmax_scale = static_cast<float>(softmax_scale);
         p.window_left = window_left;
         p.window_right = window_right;
+        if (!new_token.is_none()) {
+          // (new_k, new_v, (k batch, k head, v batch, v head strides), rotary_cos, rotary_sin,
+          //  (cos, sin row strides), rotary_dim, rotary_rows, interleaved, float cos/sin)
+          const py::tuple t = new_token.cast<py::tuple>();
+          p.new_k = ptr_arg<const void>(t[0].cast<intptr_t>());
+          p.new_v = ptr_arg<const void>(t[1].cast<intptr_t>());
+          const py::tuple new_strides = t[2].cast<py::tuple>();
+          p.new_k_batch_stride = stride_arg(new_strides, 0);
+          p.new_k_head_stride = stride_arg(new_strides, 1);
+          p.new_v_batch_stride = stride_arg(new_strides, 2);
+          p.new_v_head_stride = stride_arg(new_strides, 3);
+          p.rotary_cos = ptr_arg<const void>(t[3].cast<intptr_t>());
+          p.rotary_sin = ptr_arg<const void>(t[4].cast<intptr_t>());
+          const py::tuple rotary_strides = t[5].cast<py::tuple>();
+          p.rotary_cos_stride = stride_arg(rotary_strides, 0);
+          p.rotary_sin_stride = stride_arg(rotary_strides, 1);
+          p.rotary_dim = t[6].cast<int>();
+          p.rotary_rows = t[7].cast<int>();
+          p.rotary_interleaved = t[8].cast<bool>();
+          p.rotary_float = t[9].cast<bool>();
+        }
         flash_attn_with_kvcache(p, dtype, cache_dtype, stream);
       },
       "Decode/append attention over a contiguous or paged KV cache, split-KV when num_splits > 1 "

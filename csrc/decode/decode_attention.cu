@@ -63,6 +63,20 @@ void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
   if (fp8 && (p.k_scale == nullptr || p.v_scale == nullptr)) {
     throw std::invalid_argument(op + "fp8 caches need k_scale and v_scale");
   }
+  if (p.new_k != nullptr) {
+    if (fp8 || p.seqlen_q != 1 || p.new_v == nullptr) {
+      throw std::invalid_argument(op + "a new token in the kernel needs seqlen_q == 1, new_v and "
+                                       "a cache in q's dtype");
+    }
+    if (p.rotary_cos != nullptr &&
+        (p.rotary_sin == nullptr || p.rotary_rows < 1 || p.rotary_dim < 2 ||
+         p.rotary_dim % 2 != 0 || p.rotary_dim > p.head_dim)) {
+      throw std::invalid_argument(op + "rotary needs rotary_sin, at least one row and an even "
+                                       "rotary_dim <= head_dim");
+    }
+  } else if (p.rotary_cos != nullptr) {
+    throw std::invalid_argument(op + "rotary applies to a new token: pass new_k");
+  }
   if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return;  // nothing to write
 
   const cudaStream_t s = as_stream(stream);

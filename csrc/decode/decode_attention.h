@@ -58,6 +58,21 @@ struct DecodeParams {
   int64_t part_split_stride, part_batch_stride, part_row_stride, part_head_stride;
   int64_t lse_part_split_stride, lse_part_batch_stride, lse_part_head_stride;
 
+  // Decode with a new token per sequence (seqlen_q = 1, 16-bit cache), else nullptr: seqlens_k
+  // then counts the cached keys before it, and the kernel writes new_k (rotated when
+  // rotary_cos is set) and new_v at that position, attending over seqlens_k + 1 keys. q is
+  // rotated at the same position.
+  const void* new_k;  // [batch, 1, heads_kv, head_dim], q's dtype
+  const void* new_v;
+  int64_t new_k_batch_stride, new_k_head_stride, new_v_batch_stride, new_v_head_stride;
+  // [rotary_rows, rotary_dim / 2] (row strides below), float32 if rotary_float else q's dtype;
+  // nullptr for no rotary. Pairs (2i, 2i + 1) if rotary_interleaved, else (i, i + dim / 2).
+  const void* rotary_cos;
+  const void* rotary_sin;
+  int64_t rotary_cos_stride, rotary_sin_stride;
+  int rotary_dim, rotary_rows;
+  bool rotary_interleaved, rotary_float;
+
   float softmax_scale;
   // Key j is visible to query i iff i + diag - window_left <= j <= i + diag + window_right
   // (diag = seqlen_k - seqlen_q; a bound of -1 is absent; causal arrives as window_right = 0),

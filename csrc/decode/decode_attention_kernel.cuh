@@ -43,6 +43,12 @@
 //     arrive folds them with the math of merge_attn_states (merge_row.cuh) and writes the
 //     result. No second kernel: its launch and the gap before it cost more than the fold
 //     itself at decode sizes.
+//   * Decode with a new token (p.new_k; seqlen_q = 1, 16-bit cache): the key at position
+//     seqlens_k[b] is the new one. Its K/V rows are copied from new_k/new_v instead of the
+//     cache; the CTA holding that tile rotates the K row in shared memory (rotary_cos), and
+//     the first row block's CTA writes K and V into the cache. Q is rotated in shared memory
+//     by every CTA. Only the split whose tiles hold the new key ever reads it, so no other CTA
+//     waits for the write: rotary, the KV store and attention are one kernel, one launch.
 #pragma once
 
 #include <algorithm>
@@ -58,6 +64,7 @@
 #include "common/pdl.cuh"
 #include "decode/decode_attention.h"
 #include "decode/merge_row.cuh"
+#include "rotary/rotary.cuh"
 
 namespace ember {
 namespace decode {
@@ -236,7 +243,8 @@ __device__ __forceinline__ void load_q_tile(uint32_t s_q, const DecodeParams& p,
 // so their block_table entries are never looked up either.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
-                                             int b, int kv_head, int tile, int seqlen_k) {
+                                             int b, int kv_head, int tile, int seqlen_k,
+                                             int new_pos) {
   using E = std::conditional_t<Cfg::kFp8, uint8_t, typename Cfg::T>;
   constexpr int kItems = Cfg::kBlockN * Cfg::kCopyChunks;
   // Re-read the thread index (volatile: ptxas cannot hoist it) so that the per-item offsets are
@@ -263,6 +271,12 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
       }
       const E* k_src = valid ? k + block * p.k_batch_stride + slot * p.k_row_stride : k;
       const E* v_src = valid ? v + block * p.v_batch_stride + slot * p.v_row_stride : v;
+      if (key == new_pos) {  // the new token: not in the cache yet
+        k_src = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
+                kv_head * p.new_k_head_stride;
+        v_src = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
+                kv_head * p.new_v_head_stride;
+      }
       const int col = chunk * Cfg::kCopyElems;
       uint32_t dst;
       if constexpr (Cfg::kFp8) {
@@ -297,6 +311,71 @@ __device__ __forceinline__ void widen_rows(unsigned char* dst, const unsigned ch
     widen4<T>(x.w, hi.z, hi.w);
     *reinterpret_cast<uint4*>(dst + tile_offset<Cfg, Cfg::kBlockN>(row, 2 * chunk)) = lo;
     *reinterpret_cast<uint4*>(dst + tile_offset<Cfg, Cfg::kBlockN>(row, 2 * chunk + 1)) = hi;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// A new token: rotary embedding in shared memory, and its K/V rows into the cache
+// ------------------------------------------------------------------------------------------
+
+// Element `feature` of row `row` of a swizzled 16-bit tile of kRows rows.
+template <class Cfg, int kRows>
+__device__ __forceinline__ typename Cfg::T& tile_element(unsigned char* tile, int row,
+                                                         int feature) {
+  return reinterpret_cast<typename Cfg::T*>(
+      tile + tile_offset<Cfg, kRows>(row, feature / 8))[feature % 8];
+}
+
+// Rotates rows [row0, row0 + rows) of a swizzled tile by position `pos` (clipped to the table)
+// with rotate_pair, the rounding of ember's rotary kernels; the CTA's threads share the pairs.
+template <class Cfg, int kRows>
+__device__ __forceinline__ void rotate_tile_rows(unsigned char* tile, int row0, int rows, int pos,
+                                                 const DecodeParams& p, int tid) {
+  using T = typename Cfg::T;
+  const int half = p.rotary_dim / 2;
+  const int64_t at = min(max(pos, 0), p.rotary_rows - 1);
+  for (int idx = tid; idx < rows * half; idx += Cfg::kThreads) {
+    const int row = row0 + idx / half, i = idx % half;
+    const int f0 = p.rotary_interleaved ? 2 * i : i;
+    const int f1 = p.rotary_interleaved ? 2 * i + 1 : i + half;
+    float cos, sin;
+    if (p.rotary_float) {
+      cos = static_cast<const float*>(p.rotary_cos)[at * p.rotary_cos_stride + i];
+      sin = static_cast<const float*>(p.rotary_sin)[at * p.rotary_sin_stride + i];
+    } else {
+      cos = to_float(static_cast<const T*>(p.rotary_cos)[at * p.rotary_cos_stride + i]);
+      sin = to_float(static_cast<const T*>(p.rotary_sin)[at * p.rotary_sin_stride + i]);
+    }
+    T& a = tile_element<Cfg, kRows>(tile, row, f0);
+    T& b = tile_element<Cfg, kRows>(tile, row, f1);
+    rotate_pair<T>(to_float(a), to_float(b), cos, sin, a, b);
+  }
+}
+
+// Writes row `row` of the K and V tiles (the new token, at key position `pos`) into the cache.
+template <class Cfg>
+__device__ __forceinline__ void store_new_row(const unsigned char* k_tile,
+                                              const unsigned char* v_tile, int row,
+                                              const DecodeParams& p, int b, int kv_head, int pos,
+                                              int tid) {
+  using T = typename Cfg::T;
+  int64_t block = b;
+  int slot = pos;
+  if (p.block_table != nullptr) {
+    const int page = pos / p.page_size;
+    slot = pos - page * p.page_size;
+    block = p.block_table[static_cast<int64_t>(b) * p.max_blocks + page];
+  }
+  if (tid < 2 * Cfg::kChunks) {
+    const bool is_v = tid >= Cfg::kChunks;
+    const int chunk = is_v ? tid - Cfg::kChunks : tid;
+    T* dst = is_v ? static_cast<T*>(const_cast<void*>(p.v_cache)) + block * p.v_batch_stride +
+                        slot * p.v_row_stride + kv_head * p.v_head_stride
+                  : static_cast<T*>(const_cast<void*>(p.k_cache)) + block * p.k_batch_stride +
+                        slot * p.k_row_stride + kv_head * p.k_head_stride;
+    const unsigned char* tile = is_v ? v_tile : k_tile;
+    *reinterpret_cast<uint4*>(dst + chunk * 8) = *reinterpret_cast<const uint4*>(
+        tile + tile_offset<Cfg, Cfg::kBlockN>(row, chunk));
   }
 }
 
@@ -496,7 +575,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int group = p.heads_q / p.heads_kv;
   const int r0 = m_block * kBM;
   const int rows_here = min(kBM, group * p.seqlen_q - r0);
-  const int seqlen_k = min(p.seqlens_k[b], p.capacity);
+  // With a new token, seqlens_k counts the keys before it.
+  const int seqlen_k = min(p.seqlens_k[b] + (p.new_k != nullptr ? 1 : 0), p.capacity);
+  const int new_pos = p.new_k != nullptr && seqlen_k > 0 ? seqlen_k - 1 : -1;
   const int diag = seqlen_k - p.seqlen_q;  // query position i sits on key i + diag
   const int first_q = r0 / group;
   const int last_q = (r0 + rows_here - 1) / group;
@@ -561,7 +642,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     for (int s = 0; s < kStages - 1; ++s) {
       if (t_begin + s < t_end) {
         const uint32_t st = s_stages + s * Cfg::kStageBytes;
-        load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, t_begin + s, seqlen_k);
+        load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, t_begin + s, seqlen_k,
+                          new_pos);
       }
       cp_async_commit();
     }
@@ -569,6 +651,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     QFrag<Cfg> q_frag;
     cp_async_wait<kStages - 1>();  // the Q group
     __syncthreads();
+    if (p.rotary_cos != nullptr) {  // (a new token's query: seqlen_q = 1, at new_pos)
+      rotate_tile_rows<Cfg, kBM>(smem, 0, rows_here, new_pos, p, tid);
+      __syncthreads();
+    }
     if constexpr (Cfg::kQInRegs) {
 #pragma unroll
       for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks)
@@ -586,7 +672,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         const int ahead_stage = stage == 0 ? kStages - 1 : stage - 1;
         if (ahead < t_end) {
           const uint32_t st = s_stages + ahead_stage * Cfg::kStageBytes;
-          load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, ahead, seqlen_k);
+          load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, b, kv_head, ahead, seqlen_k,
+                            new_pos);
         }
         cp_async_commit();
       }
@@ -614,6 +701,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         }
         s_k = s_cvt;
         s_v = s_cvt + Cfg::kTileBytes;
+      }
+
+      if (new_pos >= 0 && t == new_pos / kBN) {  // the tile holding the new token
+        if constexpr (!Cfg::kFp8) {  // (the host fuses only 16-bit caches)
+          const int row = new_pos - t * kBN;
+          unsigned char* k_tile = smem + (s_k - s_q);
+          if (p.rotary_cos != nullptr) {
+            rotate_tile_rows<Cfg, kBN>(k_tile, row, 1, new_pos, p, tid);
+            __syncthreads();
+          }
+          if (m_block == 0) store_new_row<Cfg>(k_tile, smem + (s_v - s_q), row, p, b, kv_head,
+                                               new_pos, tid);
+        }
       }
 
       // Uniform over the CTA: some (row, key) pair of the tile lies past the sequence end,

@@ -47,6 +47,9 @@ class Case(NamedTuple):
     tree: bool = False
     fp8: bool = False
     num_splits: int = 0
+    # Rotary of the new tokens: None, "neox" (halves), "gptj" (interleaved pairs) or
+    # "neox-partial-f32" (half the head dim rotates, float32 cos/sin).
+    rotary: str | None = None
 
 
 def _random_tree_mask(batch, n, device):
@@ -117,10 +120,20 @@ def make_inputs(case: Case, dtype, device):
     if case.new_kv:
         k, v = qkv[:, :, heads_q:heads_q + heads_kv], qkv[:, :, heads_q + heads_kv:]
     tree_mask = _random_tree_mask(batch, seqlen_q, device) if case.tree else None
+    rotary = {}
+    if case.rotary:
+        # Random angles, a row per position up to the last, cos/sin the two halves of one
+        # [seqlen_ro, rotary_dim] table, as a model holds them.
+        half = d // 4 if "partial" in case.rotary else d // 2
+        table_dtype = torch.float32 if "f32" in case.rotary else dtype
+        angles = torch.rand(int(total.max()), half, device=device) * 2 * math.pi
+        table = torch.cat([angles.cos(), angles.sin()], dim=1).to(table_dtype)
+        rotary = dict(rotary_cos=table[:, :half], rotary_sin=table[:, half:],
+                      rotary_interleaved=case.rotary == "gptj")
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
                 cache_seqlens=cached.to(device), block_table=block_table,
                 causal=case.causal, window_size=case.window, num_splits=case.num_splits,
-                tree_mask=tree_mask, k_scale=k_scale, v_scale=v_scale)
+                tree_mask=tree_mask, k_scale=k_scale, v_scale=v_scale, **rotary)
 
 
 def _clone_caches(args):
@@ -187,6 +200,14 @@ CPU_CASES = {
     "window-append-causal": Case(seqlen_q=5, cache_lens=(60, 10), window=(7, 0), causal=True),
     "window-both-sides": Case(seqlen_q=4, cache_lens=(40,), batch=1, window=(3, 2),
                               new_kv=False),
+    # Rotary: decode steps (one kernel on CUDA), and append / non-causal rows otherwise.
+    "rotary-neox-decode-paged16": Case(cache_lens=(40, 7), heads=(8, 2), causal=True,
+                                       block_size=16, rotary="neox"),
+    "rotary-gptj-decode-splits": Case(cache_lens=(130, 64), causal=True, num_splits=3,
+                                      rotary="gptj"),
+    "rotary-partial-f32-append-causal": Case(seqlen_q=3, cache_lens=(20, 1), heads=(6, 2),
+                                             causal=True, rotary="neox-partial-f32"),
+    "rotary-noncausal-sq2": Case(seqlen_q=2, cache_lens=(9, 30), rotary="gptj"),
     "fp8-contiguous": Case(fp8=True, new_kv=False, cache_lens=(90, 33)),
     "fp8-paged-splits": Case(fp8=True, new_kv=False, block_size=16, heads=(6, 3),
                              cache_lens=(130, 20), num_splits=3),
@@ -230,6 +251,19 @@ GPU_CASES = {
     "b7-d256-paged16": Case(batch=7, cache_lens=(257, 4096), heads=(8, 2), head_dim=256,
                             block_size=16),
     "b7-d96": Case(batch=7, cache_lens=(1, 300), heads=(9, 3), head_dim=96),
+    # A Llama decode step with rotary: one CUDA kernel rotates, stores and attends.
+    "b7-rotary-neox-gqa32:8-paged16": Case(batch=7, cache_lens=(383, 0, 4095, 64, 1),
+                                           heads=(32, 8), causal=True, block_size=16,
+                                           rotary="neox"),
+    "b7-rotary-mqa32:1-d128-splits": Case(batch=7, cache_lens=(257, 33000, 5), heads=(32, 1),
+                                          head_dim=128, causal=True, num_splits=9,
+                                          rotary="gptj"),
+    "b7-rotary-partial-f32-d256": Case(batch=7, cache_lens=(100, 17), heads=(8, 2),
+                                       head_dim=256, causal=True, block_size=32,
+                                       rotary="neox-partial-f32"),
+    "b7-rotary-sq4-causal-paged16": Case(batch=7, cache_lens=(257, 4096), heads=(9, 3),
+                                         seqlen_q=4, causal=True, block_size=16,
+                                         rotary="neox"),
 }
 
 
@@ -506,3 +540,20 @@ def test_split_plan_honours_explicit_counts(num_splits):
 def test_sm_count_off_gpu_is_nominal():
     assert _split_kv.sm_count(torch.device("cpu")) == _split_kv.NOMINAL_SMS
 
+
+
+def test_kvcache_rotary_bad_arguments():
+    args = make_inputs(Case(rotary="neox"), torch.float16, "cpu")
+    cos, sin = args["rotary_cos"], args["rotary_sin"]
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin must be given together"):
+        ember.ops.flash_attn_with_kvcache(**dict(args, rotary_sin=None))
+    with pytest.raises(ValueError, match="pass k and v too"):
+        ember.ops.flash_attn_with_kvcache(**dict(args, k=None, v=None))
+    with pytest.raises(ValueError, match="rotary_sin"):
+        ember.ops.flash_attn_with_kvcache(**dict(args, rotary_sin=sin[:, :-1]))
+    with pytest.raises(ValueError, match="fewer than the positions"):
+        ember.ops.flash_attn_with_kvcache(**dict(args, rotary_cos=cos[:-1], rotary_sin=sin[:-1]))
+    with pytest.raises(ValueError, match="rotary_dim <= head_dim"):
+        wide = torch.zeros(cos.shape[0], 33)
+        ember.ops.flash_attn_with_kvcache(**dict(args, rotary_cos=wide.half(),
+                                                 rotary_sin=wide.half()))

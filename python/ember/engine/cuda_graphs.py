@@ -1,9 +1,10 @@
 """CUDA graphs of the decode step: model, LM head and sampling replayed as one launch.
 
 A decode-only step of ``n`` sequences replays the graph captured for the smallest batch size
-``>= n``; the extra rows are padding: no slot to store their K/V (-1) and no key to attend to.
-All the step's inputs live in one static device buffer, filled from a pinned host mirror by one
-copy (token ids, positions and slots; key counts; sampling parameters; block table rows);
+``>= n``; the extra rows are padding: sequences of no cached key whose one new K/V row goes to a
+scratch KV block that no sequence owns. All the step's inputs live in one static device buffer,
+filled from a pinned host mirror by one copy (token ids and positions; cached key counts;
+sampling parameters; block table rows);
 what comes back is the sampled token ids on the device (sampled outside the graph, from its
 logits, for the rare step whose sampling needs host-side edits).
 """
@@ -14,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from ember.engine.block_manager import block_tables, slot_mapping
+from ember.engine.block_manager import block_tables
 from ember.engine.sampler import fill_sampling_rows, sample_rows
 from ember.models.attention import AttentionMetadata
 
@@ -38,23 +39,23 @@ def _views(buffer: torch.Tensor, regions: list) -> dict:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, sampler, *, max_num_seqs: int, max_blocks_per_seq: int,
-                 block_size: int, device):
+                 scratch_block: int, device):
         self.model, self.kv_caches, self.sampler = model, kv_caches, sampler
-        self.block_size = block_size
+        self.scratch_block = scratch_block
         self.sizes = graph_batch_sizes(max_num_seqs)
         largest = self.sizes[-1]
         # Static inputs, all views of one device byte buffer so that a step's inputs arrive
-        # in one copy. tokens: rows (input ids, positions, KV slots); seqlens: keys attended;
+        # in one copy. tokens: rows (input ids, positions); seqlens: cached keys (= positions);
         # floats/ints: the sampling rows of sampler.py. Until a step fills them, every row is
         # padding. The block table comes last: a step copies only its first n rows.
-        regions = [("tokens", torch.int64, (3, largest)), ("ints", torch.int64, (3, largest)),
+        regions = [("tokens", torch.int64, (2, largest)), ("ints", torch.int64, (3, largest)),
                    ("floats", torch.float32, (3, largest)), ("seqlens", torch.int32, (largest,)),
                    ("block_table", torch.int32, (largest, max_blocks_per_seq))]
         nbytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in regions)
         self.static = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         for name, view in _views(self.static, regions).items():
             setattr(self, name, view)
-        self.tokens[2] = -1
+        self.block_table[:, 0] = scratch_block
         self._table_offset = self.block_table.data_ptr() - self.static.data_ptr()
         self._table_row_bytes = max_blocks_per_seq * 4
         # Their pinned host mirror, two used in turn: with async scheduling a step is prepared
@@ -72,8 +73,7 @@ class DecodeGraphs:
         self.capture_seconds = time.perf_counter() - start
 
     def _step(self, size: int):
-        meta = AttentionMetadata(slot_mapping=self.tokens[2, :size], num_decodes=size,
-                                 decode_seqlens=self.seqlens[:size],
+        meta = AttentionMetadata(num_decodes=size, decode_cache_seqlens=self.seqlens[:size],
                                  decode_block_table=self.block_table[:size])
         hidden = self.model(self.tokens[0, :size], self.tokens[1, :size], meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
@@ -119,15 +119,15 @@ class DecodeGraphs:
         tokens = host["tokens"]
         tokens[0, :n] = [s.token_ids[-1] for s in seqs]
         tokens[1, :n] = positions
-        tokens[2, :n] = slot_mapping(table, np.arange(n), positions, self.block_size)
-        tokens[:, n:size] = [[0], [0], [-1]]
-        host["seqlens"][:n] = positions + 1
+        tokens[:, n:size] = 0
+        host["seqlens"][:n] = positions
         host["seqlens"][n:size] = 0
         fill_sampling_rows(seqs, host["floats"], host["ints"])
-        # Rows past n of the table are padding rows' (no key read) and columns past a
-        # sequence's blocks are never read either: stale values there are harmless.
+        # A padding row writes its K/V at position 0 of its first block: the scratch one.
+        # Columns past a sequence's blocks are never read: stale values there are harmless.
         host["block_table"][:n, :table.shape[1]] = table
-        end = self._table_offset + n * self._table_row_bytes
+        host["block_table"][n:size, 0] = self.scratch_block
+        end = self._table_offset + size * self._table_row_bytes
         self.static[:end].copy_(pinned[:end], non_blocking=True)
         if input_ids is not None:
             self.tokens[0, :n].copy_(input_ids)

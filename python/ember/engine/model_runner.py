@@ -94,7 +94,7 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
                                                               block_size)),
                              num_decodes=nd)
     if nd:
-        meta.decode_seqlens = to_dev(np.asarray(starts[:nd], dtype=np.int32) + 1)
+        meta.decode_cache_seqlens = to_dev(np.asarray(starts[:nd], dtype=np.int32))
         meta.decode_block_table = to_dev(tables[:nd])
     if nd < len(seqs):
         meta.chunks = [(int(first_row[i]), counts[i], starts[i] + counts[i])
@@ -163,14 +163,18 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size = config.block_size
-        self.kv_caches = allocate_kv_cache(model, num_blocks, config.block_size, self.device)
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # With CUDA graphs, one more block past those the block manager hands out: the scratch
+        # block that the graphs' padding rows write their K/V into.
+        self.kv_caches = allocate_kv_cache(model, num_blocks + use_graphs, config.block_size,
+                                           self.device)
         self.sampler = Sampler(eos_token_ids, config.kernel_backend)
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if use_graphs:
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, self.sampler, max_num_seqs=config.max_num_seqs,
                 max_blocks_per_seq=-(-max_model_len // config.block_size),
-                block_size=config.block_size, device=self.device)
+                scratch_block=num_blocks, device=self.device)
         if self.device.type == "cuda":
             # Pinned landing buffers of the sampled ids and their ready events, two used in
             # turn: at most two launched steps are unread at once (async scheduling).

@@ -1,12 +1,16 @@
 """Paged attention of one layer over a flat batch: the only place models call attention ops.
 
 A step's batch is flat: ``num_tokens`` rows, the single-token decodes first, then the prompt
-chunks (prefills, chunked prefills, recomputes after preemption). Each layer has first written
-the new tokens' K/V into the paged cache (``rotary_embedding_and_store_kvcache``, at the slots
-``slot_mapping`` computed once for the step, on the host); it then attends with
-``flash_attn_with_kvcache`` over the cache, causally aligned bottom-right (a chunk sees the
-sequence's earlier tokens and its own up to itself): one batched call for the decodes
-(Flash-Decoding, the call CUDA graphs capture) and one call per chunk.
+chunks (prefills, chunked prefills, recomputes after preemption). Each row's q and k are
+rotated (rotary embedding), its k and v written into the paged cache, and it attends causally
+over the cache, aligned bottom-right (a chunk sees the sequence's earlier tokens and its own up
+to itself):
+
+- the decodes in one batched ``flash_attn_with_kvcache`` call that is handed the new k/v and
+  the rotary table (Flash-Decoding; on CUDA one kernel rotates, stores and attends; the call
+  CUDA graphs capture);
+- the chunks through ``rotary_embedding_and_store_kvcache`` at the slots ``slot_mapping``
+  computed for the step on the host, then one ``flash_attn_with_kvcache`` call per chunk.
 """
 
 from dataclasses import dataclass, field
@@ -21,9 +25,10 @@ class AttentionMetadata:
     """Where the new K/V go and what each query attends to.
 
     slot_mapping: int64 ``[num_tokens]``, the cache slot of each token's K/V (-1: a padding
-        row, not stored).
+        row, not stored); read for the chunk rows only.
     num_decodes: the first ``num_decodes`` rows are one-token decodes.
-    decode_seqlens: int32 ``[num_decodes]``, keys each decode attends (its own included).
+    decode_cache_seqlens: int32 ``[num_decodes]``, cached keys before each decode's own token
+        (its position).
     decode_block_table: int32 ``[num_decodes, max_blocks]``.
     chunks: per prompt chunk, host ints ``(first row, num_tokens, keys it attends to)``; the
         keys are the sequence's tokens up to and including the chunk's last.
@@ -32,19 +37,21 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor | None = None
     num_decodes: int = 0
-    decode_seqlens: torch.Tensor | None = None
+    decode_cache_seqlens: torch.Tensor | None = None
     decode_block_table: torch.Tensor | None = None
     chunks: list = field(default_factory=list)
     chunk_block_table: torch.Tensor | None = None
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, *, softmax_scale: float,
-                    window: int | None, backend: str) -> torch.Tensor:
-    """Causal attention of a flat batch over the paged cache, which already holds the batch's
-    new K/V.
+def paged_attention(positions, q, k, v, k_cache, v_cache, cos_sin_cache, meta: AttentionMetadata,
+                    *, softmax_scale: float, window: int | None, backend: str) -> torch.Tensor:
+    """Rotary embedding (GPT-NeoX pairs), the KV cache write and causal attention of a flat
+    batch.
 
-    q: ``[num_tokens, heads_q, head_dim]``; k_cache, v_cache: ``[num_blocks, block_size,
-    heads_kv, head_dim]``. ``window``: Hugging Face's sliding window (a query sees that many
+    positions: int64 ``[num_tokens]``; q: ``[num_tokens, heads_q, head_dim]``; k, v:
+    ``[num_tokens, heads_kv, head_dim]``, not yet rotated; k_cache, v_cache: ``[num_blocks,
+    block_size, heads_kv, head_dim]``; cos_sin_cache: ``[max_positions, rotary_dim]`` (cos
+    half, then sin half). ``window``: Hugging Face's sliding window (a query sees that many
     most recent keys, itself included) or None. Returns ``[num_tokens, heads_q, head_dim]``.
     """
     window_size = (-1, -1) if window is None else (window - 1, 0)
@@ -53,13 +60,21 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, *, softmax_sca
     parts = []
     nd = meta.num_decodes
     if nd:
+        half = cos_sin_cache.shape[1] // 2
         out = ops.flash_attn_with_kvcache(
-            q[:nd, None], k_cache, v_cache, cache_seqlens=meta.decode_seqlens,
-            block_table=meta.decode_block_table, **common)
+            q[:nd, None], k_cache, v_cache, k=k[:nd, None], v=v[:nd, None],
+            cache_seqlens=meta.decode_cache_seqlens, block_table=meta.decode_block_table,
+            rotary_cos=cos_sin_cache[:, :half], rotary_sin=cos_sin_cache[:, half:],
+            rotary_interleaved=False, **common)
         parts.append(out[:, 0])
-    for i, (start, length, keys) in enumerate(meta.chunks):
-        out = ops.flash_attn_with_kvcache(
-            q[None, start:start + length], k_cache, v_cache, cache_seqlens=keys,
-            block_table=meta.chunk_block_table[i:i + 1], **common)
-        parts.append(out[0])
+    if meta.chunks:
+        # One kernel rotates q and k and writes k and v into their cache slots.
+        q_chunks = ops.rotary_embedding_and_store_kvcache(
+            positions[nd:], q[nd:], k[nd:], v[nd:], cos_sin_cache, k_cache, v_cache,
+            meta.slot_mapping[nd:], is_neox=True, backend=backend)
+        for i, (start, length, keys) in enumerate(meta.chunks):
+            out = ops.flash_attn_with_kvcache(
+                q_chunks[None, start - nd:start - nd + length], k_cache, v_cache,
+                cache_seqlens=keys, block_table=meta.chunk_block_table[i:i + 1], **common)
+            parts.append(out[0])
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -106,12 +106,8 @@ class LlamaAttention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # One kernel rotates q and k and writes k and v into their cache slots.
-        q = ops.rotary_embedding_and_store_kvcache(positions, q, k, v, cos_sin, *kv_cache,
-                                                   meta.slot_mapping, is_neox=True,
-                                                   backend=self.backend)
-        out = paged_attention(q, *kv_cache, meta, softmax_scale=self.scale, window=self.window,
-                              backend=self.backend)
+        out = paged_attention(positions, q, k, v, *kv_cache, cos_sin, meta,
+                              softmax_scale=self.scale, window=self.window, backend=self.backend)
         return self.o_proj(out.reshape(n, -1))
 
 

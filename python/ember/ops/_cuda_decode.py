@@ -20,8 +20,31 @@ from ember.ops._split_kv import plan_splits, sm_count
 from ember.ops._validation import with_16b_aligned_rows
 
 
+def flash_attn_with_kvcache_append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                   rotary_interleaved, cache_seqlens, block_table, softmax_scale,
+                                   window_left, window_right, num_splits):
+    """CUDA backend of ``flash_attn_with_kvcache`` with one new token per sequence (the fused
+    path, ``ember.ops.attention.FUSED_APPEND``): q ``[batch, 1, heads_q, d]``, k/v ``[batch, 1,
+    heads_kv, d]`` and a cache in q's dtype; ``cache_seqlens`` counts the keys before the new
+    one. One kernel rotates q and k (when rotary_cos is given), writes k and v into the cache
+    and attends over ``cache_seqlens + 1`` keys. Returns ``(out, lse)``."""
+    k, v = with_16b_aligned_rows(k), with_16b_aligned_rows(v)
+    rotary = None
+    if rotary_cos is not None:
+        rotary = (rotary_cos.data_ptr(), rotary_sin.data_ptr(),
+                  (rotary_cos.stride(0), rotary_sin.stride(0)), 2 * rotary_cos.shape[1],
+                  rotary_cos.shape[0], rotary_interleaved, rotary_cos.dtype == torch.float32)
+    new_token = (k.data_ptr(), v.data_ptr(),
+                 (k.stride(0), k.stride(2), v.stride(0), v.stride(2)),
+                 *(rotary or (0, 0, (0, 0), 0, 0, False, False)))
+    return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
+                                   softmax_scale, True, window_left, window_right, num_splits,
+                                   None, None, None, new_token=new_token)
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
-                            window_left, window_right, num_splits, tree_mask, k_scale, v_scale):
+                            window_left, window_right, num_splits, tree_mask, k_scale, v_scale,
+                            new_token=None):
     """CUDA backend of ``ember.ops.flash_attn_with_kvcache`` (new tokens are already in the
     cache, so the caches are only read).
 
@@ -36,6 +59,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         num_splits: 0 plans the split-KV count, > 0 is honoured.
         tree_mask: bool ``[batch, seqlen_q, seqlen_q]`` (contiguous) or None.
         k_scale, v_scale: float32 one-element tensors for fp8 caches, else None.
+        new_token: the launch arguments of a new token the kernel writes and attends to, as
+            ``flash_attn_with_kvcache_append`` builds them; seqlens_k then excludes it.
 
     Returns:
         ``(out [batch, seqlen_q, heads_q, d] in q's dtype, lse float32 [batch, heads_q,
@@ -73,7 +98,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         out_part.stride()[:4] if out_part is not None else (0, 0, 0, 0),
         lse_part.stride()[:3] if lse_part is not None else (0, 0, 0),
         softmax_scale, window_left, window_right,
-        _ext.dtype_code(q), _ext.dtype_code(k_cache), stream)
+        _ext.dtype_code(q), _ext.dtype_code(k_cache), new_token, stream)
     return out, lse
 
 

@@ -203,7 +203,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
                             block_table=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), num_splits=0, return_lse=False, tree_mask=None,
-                            k_scale=None, v_scale=None, *, backend="auto"):
+                            k_scale=None, v_scale=None, rotary_cos=None, rotary_sin=None,
+                            rotary_interleaved=True, *, backend="auto"):
     """Attention of new queries over a KV cache: decode, append and chunked prefill
     (flash-attn's ``flash_attn_with_kvcache``, plus tree masks and fp8 caches).
 
@@ -230,16 +231,30 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             ``tree_mask[b, i, t]``; replaces ``causal`` (passing both is an error); the window
             still applies by position. Needs ``cache_seqlens + seqlen_new >= seqlen_q``.
         k_scale, v_scale: float32 one-element tensors, required exactly for fp8 caches.
+        rotary_cos, rotary_sin: optional ``[seqlen_ro, rotary_dim / 2]`` in q's dtype or
+            float32, unit stride on the last dim (e.g. the two halves of a ``cos_sin_cache``):
+            rotary embedding applied to the new k at positions ``cache_seqlens + j`` and to q
+            at ``cache_seqlens + i`` (causal or windowed) or ``cache_seqlens`` (otherwise),
+            flash-attn's rule; needs k and v. Positions past seqlen_ro are clipped to its last
+            row (checked on the host where the lengths are read). The first rotary_dim
+            features of each head rotate, the rest pass through.
+        rotary_interleaved: True pairs features ``(2i, 2i + 1)`` (GPT-J); False pairs ``i``
+            with ``i + rotary_dim / 2`` (GPT-NeoX, Llama). flash-attn's default.
         backend: "auto", "cuda", "triton" or "torch".
 
     Returns:
         out ``[batch, seqlen_q, heads_q, head_dim]`` in q's dtype, or ``(out, lse)``.
 
-    Example (decode one token per sequence into a paged cache)::
+    A decode step (one query and one new token per sequence, 16-bit cache) with k/v runs as
+    one CUDA kernel that rotates q and the new k, writes k and v into the cache and attends;
+    other shapes and backends rotate and store first, then attend.
+
+    Example (decode one token per sequence into a paged cache, Llama's rotary)::
 
         out = ember.ops.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new,
                                                 cache_seqlens=lens, block_table=table,
-                                                causal=True)
+                                                causal=True, rotary_cos=cos, rotary_sin=sin,
+                                                rotary_interleaved=False)
     """
     op = "flash_attn_with_kvcache"
     paged = block_table is not None
@@ -319,8 +334,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             raise ValueError(f"{op}: tree_mask needs cache_seqlens + new tokens >= seqlen_q "
                              f"({seqlen_q}) in every sequence, got {cached_min + num_new}")
 
+    rotary = _check_rotary(op, rotary_cos, rotary_sin, rotary_interleaved, q, k)
+    if rotary and batch and cached_max + num_new > rotary_cos.shape[0]:
+        raise ValueError(f"{op}: rotary_cos/rotary_sin have {rotary_cos.shape[0]} rows "
+                         f"(seqlen_ro), fewer than the positions cache_seqlens + new tokens "
+                         f"reach ({cached_max + num_new})")
+
     chosen = _registry.resolve_supported(
         op, op, backend, dev, kernel_unsupported(q.dtype, head_dim, block_size if paged else None))
+    if (k is not None and seqlen_q == 1 and num_new == 1 and k_cache.dtype == q.dtype
+            and q.numel() and chosen in _registry.available_backends(FUSED_APPEND)):
+        # One kernel: rotate, store, attend (the cache is written in place).
+        out, lse = torch.ops.ember.flash_attn_with_kvcache_append(
+            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, bool(rotary_interleaved),
+            seqlens, block_table, scale, left, right, num_splits, chosen)
+        return (out, lse) if return_lse else out
+    if rotary:
+        q, k = _rotate_new_tokens(q, k, rotary_cos, rotary_sin, rotary_interleaved, seqlens,
+                                  causal or left >= 0 or right >= 0, chosen)
     if k is not None:
         _append_new_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale, chosen)
         seqlens = seqlens + num_new
@@ -459,6 +490,57 @@ def _raise_block_table_fault(op, fault, num_blocks):
 # Appending new tokens (shared by every backend of flash_attn_with_kvcache)
 # ----------------------------------------------------------------------------------------------
 
+def _check_rotary(op, rotary_cos, rotary_sin, rotary_interleaved, q, k) -> bool:
+    """flash_attn_with_kvcache's rotary arguments; whether rotary embedding is on."""
+    if rotary_cos is None and rotary_sin is None:
+        return False
+    if rotary_cos is None or rotary_sin is None:
+        raise ValueError(f"{op}: rotary_cos and rotary_sin must be given together (got only "
+                         f"{'rotary_sin' if rotary_cos is None else 'rotary_cos'})")
+    if k is None:
+        raise ValueError(f"{op}: rotary_cos/rotary_sin rotate the new tokens: pass k and v too")
+    check_tensor(op, "rotary_cos", rotary_cos, dtypes=(q.dtype, torch.float32), ndim=2,
+                 device=q.device, last_dim_contiguous=True)
+    check_tensor(op, "rotary_sin", rotary_sin, dtypes=(rotary_cos.dtype,),
+                 shape=rotary_cos.shape, device=q.device, last_dim_contiguous=True)
+    seqlen_ro, half = rotary_cos.shape
+    head_dim = q.shape[3]
+    if seqlen_ro == 0 or not 1 <= half <= head_dim // 2:
+        raise ValueError(f"{op}: rotary_cos must be [seqlen_ro >= 1, rotary_dim / 2] with "
+                         f"rotary_dim <= head_dim = {head_dim}, got shape "
+                         f"{tuple(rotary_cos.shape)}")
+    check_bool(op, "rotary_interleaved", rotary_interleaved)
+    return True
+
+
+def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, interleaved, cache_seqlens, by_row,
+                       backend):
+    """flash_attn_with_kvcache's rotary through the ``rotary_embedding`` op of ``backend``
+    (torch if it has none): k ``[b, sn, hkv, d]`` at ``cache_seqlens + j``; q ``[b, sq, hq, d]``
+    at ``cache_seqlens + i`` if ``by_row`` (causal or windowed) else at ``cache_seqlens``.
+    Returns the rotated ``(q, k)``."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    num_new, heads_kv = k.shape[1], k.shape[2]
+    cos_sin_cache = torch.cat([rotary_cos, rotary_sin], dim=1)
+    base = cache_seqlens.long()[:, None]
+    k_positions = (base + torch.arange(num_new, device=q.device)).reshape(-1)
+    q_positions = (base + torch.arange(seqlen_q, device=q.device) if by_row
+                   else base.expand(batch, seqlen_q)).reshape(-1)
+    if backend not in _registry.available_backends("rotary_embedding"):
+        backend = "torch"
+    rotate = torch.ops.ember.rotary_embedding
+    q_rows, k_rows = q.reshape(-1, heads_q, head_dim), k.reshape(-1, heads_kv, head_dim)
+    if by_row and seqlen_q == num_new:  # one position per row for both
+        q_rows, k_rows = rotate(k_positions, q_rows, k_rows, cos_sin_cache, not interleaved,
+                                backend)
+    else:  # the op pairs each q row with a k row: the unused partner is one head, discarded
+        q_rows, _ = rotate(q_positions, q_rows, q_rows[:, :1], cos_sin_cache, not interleaved,
+                           backend)
+        k_rows, _ = rotate(k_positions, k_rows, k_rows[:, :1], cos_sin_cache, not interleaved,
+                           backend)
+    return q_rows.view(q.shape), k_rows.view(k.shape)
+
+
 def _append_new_kv(k, v, k_cache, v_cache, cache_seqlens, block_table, k_scale, v_scale,
                    backend):
     """Write new tokens ``k, v [b, sn, hkv, d]`` at ``cache_seqlens + t`` of each sequence,
@@ -544,6 +626,34 @@ def _flash_attn_kvcache_fake(q, k_cache, v_cache, seqlens_k, block_table, softma
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
 
 
+# Decode with new tokens in one kernel (rotate, store, attend): a backend registered under this
+# name takes f(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved,
+# cache_seqlens, block_table, softmax_scale, window_left, window_right, num_splits) with
+# seqlen_q = seqlen_new = 1 and a cache in q's dtype, writes k/v at cache_seqlens and returns
+# (out, lse) over cache_seqlens + 1 keys; rotary_cos/rotary_sin may be None.
+FUSED_APPEND = "flash_attn_with_kvcache.append"
+
+
+@torch.library.custom_op("ember::flash_attn_with_kvcache_append",
+                         mutates_args=("k_cache", "v_cache"))
+def _flash_attn_kvcache_append_op(
+        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+        v: torch.Tensor, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+        rotary_interleaved: bool, cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
+        softmax_scale: float, window_left: int, window_right: int, num_splits: int,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _registry.implementation(FUSED_APPEND, backend)(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
+        block_table, softmax_scale, window_left, window_right, num_splits)
+
+
+@_flash_attn_kvcache_append_op.register_fake
+def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
+      block_table, softmax_scale, window_left, window_right, num_splits, backend):
+    batch, seqlen_q, heads_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+
+
 @torch.library.custom_op("ember::merge_attn_states", mutates_args=())
 def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
               lse_b: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -607,6 +717,7 @@ _registry.register("merge_attn_states",
                    nki="ember.neuron_kernels.decode_attention:merge_attn_states")
 _registry.register("flash_attn_with_kvcache",
                    cuda="ember.ops._cuda_decode:flash_attn_with_kvcache")
+_registry.register(FUSED_APPEND, cuda="ember.ops._cuda_decode:flash_attn_with_kvcache_append")
 _registry.register("merge_attn_states", cuda="ember.ops._cuda_decode:merge_attn_states")
 _registry.register("flash_attn_func", cuda="ember.ops._cuda_attention:flash_attn")
 _registry.register("flash_attn_varlen_func", cuda="ember.ops._cuda_attention:flash_attn_varlen")

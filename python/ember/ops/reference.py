@@ -150,7 +150,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
                             block_table=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), num_splits=0, return_lse=False, tree_mask=None,
-                            k_scale=None, v_scale=None, upcast=True):
+                            k_scale=None, v_scale=None, rotary_cos=None, rotary_sin=None,
+                            rotary_interleaved=True, upcast=True):
     """Reference ``flash_attn_with_kvcache``: decode / append over a KV cache.
 
     q ``[b, sq, hq, d]``. Cache: contiguous ``[b, max_len, hkv, d]``, or paged
@@ -163,6 +164,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     ``tree_mask`` bool ``[b, sq, sq]`` replaces the causal rule among the last sq keys: row i
     sees every earlier key plus last-sq key t where ``tree_mask[b, i, t]``; the window still
     applies by position. ``num_splits`` only changes how kernels split the sum; ignored here.
+    ``rotary_cos``/``rotary_sin`` ``[seqlen_ro, rotary_dim / 2]``: the new k rotate at positions
+    ``cache_seqlens + j`` and q at ``cache_seqlens + i`` (causal or windowed) or
+    ``cache_seqlens``, pairs ``(2i, 2i + 1)`` if ``rotary_interleaved`` else ``(i, i + dim / 2)``
+    (flash-attn's rule), positions clipped to the table, as :func:`rotary_embedding` rotates.
     Returns out ``[b, sq, hq, d]``, and lse float32 ``[b, hq, sq]`` if return_lse.
     """
     del num_splits
@@ -178,6 +183,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         cached = cache_seqlens.tolist()
     num_new = 0 if k is None else k.shape[1]
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if rotary_cos is not None:
+        by_row = causal or tuple(window_size) != (-1, -1)
+        q, k = _rotate_new_tokens(q, k, rotary_cos, rotary_sin, rotary_interleaved, cached,
+                                  by_row)
 
     outs, lses = [], []
     for b in range(batch):
@@ -208,6 +217,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     out = torch.cat(outs)
     lse = torch.cat(lses)
     return (out, lse) if return_lse else out
+
+
+def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, interleaved, cached, by_row):
+    """flash_attn_with_kvcache's rotary of q ``[b, sq, hq, d]`` and k ``[b, sn, hkv, d]``."""
+    last = rotary_cos.shape[0] - 1
+    q_out, k_out = [], []
+    for b, start in enumerate(cached):
+        k_pos = torch.arange(start, start + k.shape[1], device=q.device).clamp(0, last)
+        q_pos = (torch.arange(start, start + q.shape[1], device=q.device) if by_row
+                 else torch.full((q.shape[1],), start, device=q.device)).clamp(0, last)
+        for x, pos, out in ((q[b], q_pos, q_out), (k[b], k_pos, k_out)):
+            cos, sin = rotary_cos[pos].float()[:, None], rotary_sin[pos].float()[:, None]
+            out.append(_rotate(x, cos, sin, not interleaved))
+    return torch.stack(q_out), torch.stack(k_out)
 
 
 def merge_attn_states(out_a, lse_a, out_b, lse_b, upcast=True):
