@@ -154,7 +154,14 @@ def check_kvcache_attention(case: Case, dtype, backend, device):
     out, lse = ember.ops.flash_attn_with_kvcache(**args, return_lse=True, backend=backend)
 
     # Writing the new tokens is data movement: exact, and nothing else in the cache changes.
+    # A rotated k is exact too where the rotation is ember's CUDA rounding (the reference's);
+    # the Triton rotary kernel may round a product differently: one unit in the last place.
     for name in ("k_cache", "v_cache"):
+        if name == "k_cache" and case.rotary and backend != "cuda":
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(args[name], ref_args[name], rtol=eps, atol=eps * 1e-3,
+                                       equal_nan=True)
+            continue
         assert torch.equal(_bits(args[name]), _bits(ref_args[name])), f"{name} differs"
 
     assert out.shape == args["q"].shape and out.dtype == dtype
