@@ -34,20 +34,27 @@ class Linear(nn.Linear):
     H100 (bench/skinny_gemm_probe.py, a Llama-3.2-1B step): with the activation fused (the MLP's
     down projection, 14.8 against 18.2 us for silu_and_mul then cuBLAS) and for weights small
     enough to be read whole before x exists (the O projection, 5.1 against 6.9 us in the step).
-    The weights are constant during inference, hence ``static_weight``.
+    The weights are constant during inference, hence ``static_weight``. ``skinny_any_size``
+    (the LM head) takes the skinny kernel whatever the weight's size: in the decode step the
+    register kernel streams the LM head faster than cuBLAS (H100, graph GPU time per step:
+    Llama-3.2-1B shape 1238 against 1258 us, SmolLM2 723 against 750 us), while for the
+    1B's QKV and gate/up projections it did not pay (1288 us with every projection on it).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, backend: str):
+    def __init__(self, in_features: int, out_features: int, bias: bool, backend: str,
+                 skinny_any_size: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.backend = backend
         self.skinny = (backend in ("auto", "cuda")
                        and "cuda" in ops.available_backends("skinny_linear")
                        and in_features % SKINNY_K_MULTIPLE == 0)
+        self.skinny_any_size = skinny_any_size
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         if (self.skinny and x.shape[0] == 1 and x.is_cuda
                 and x.dtype in (torch.float16, torch.bfloat16)
-                and (activation is not None or skinny_prefetches_whole_weight(self.weight))):
+                and (activation is not None or self.skinny_any_size
+                     or skinny_prefetches_whole_weight(self.weight))):
             return ops.skinny_linear(x, self.weight, self.bias, activation=activation,
                                      static_weight=True, backend="cuda")
         if activation == "silu_and_mul":
@@ -160,7 +167,8 @@ class LlamaForCausalLM(nn.Module):
             LlamaDecoderLayer(config, config.layer_windows[i], backend)
             for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=backend)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=backend,
+                              skinny_any_size=True)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Angles in float32, cos/sin rounded to the weights' dtype as transformers does.
