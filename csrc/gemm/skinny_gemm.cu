@@ -259,7 +259,8 @@ template <typename T, int kM, int kRows, bool kSilu>
 void launch(const SkinnyGemmParams& p, int k_splits, int num_sms, cudaStream_t stream) {
   const int64_t rows_per_cta = kWarps / k_splits * kRows;
   const unsigned blocks = grid_x((p.n + rows_per_cta - 1) / rows_per_cta, "skinny_gemm");
-  // One wave: kTargetWarpsPerSm warps per SM are resident whatever the registers.
+  // Taken as one wave: at most 2 x kTargetWarpsPerSm warps per SM (the 1B shape's QKV and down
+  // projections; its gate/up and LM head, with 62 and ~490 warps per SM, are not).
   const bool prefetch_first =
       p.static_weight && blocks * int64_t{kWarps} <= int64_t{num_sms} * kTargetWarpsPerSm * 2;
   launch_with_pdl(skinny_gemm_kernel<T, kM, kRows, kSilu>, blocks, kThreads, 0, stream,

@@ -564,3 +564,17 @@ def test_kvcache_rotary_bad_arguments():
         wide = torch.zeros(cos.shape[0], 33)
         ember.ops.flash_attn_with_kvcache(**dict(args, rotary_cos=wide.half(),
                                                  rotary_sin=wide.half()))
+
+
+@pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
+def test_kvcache_decode_tree_mask_hiding_the_new_token(backend, device):
+    """A one-token tree mask that hides the new token is honoured on every path (the CUDA
+    one-kernel decode with new k/v must not take it)."""
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    args = make_inputs(Case(cache_lens=(40, 9), rotary="neox"), torch.float16, device)
+    args["tree_mask"] = torch.zeros(2, 1, 1, dtype=torch.bool, device=device)
+    ref_args, lowp_args = _clone_caches(args), _clone_caches(args)
+    ref = reference.flash_attn_with_kvcache(**ref_args)
+    lowp = reference.flash_attn_with_kvcache(**lowp_args, upcast=False)
+    out = ember.ops.flash_attn_with_kvcache(**args, backend=backend)
+    assert_within_lowp_error(out, ref, lowp, name="out")

@@ -166,8 +166,8 @@ class ModelRunner:
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
         # With CUDA graphs, one more block past those the block manager hands out: the scratch
         # block that the graphs' padding rows write their K/V into.
-        self.kv_caches = allocate_kv_cache(model, num_blocks + use_graphs, config.block_size,
-                                           self.device)
+        self.kv_caches = allocate_kv_cache(model, num_blocks + 1 if use_graphs else num_blocks,
+                                           config.block_size, self.device)
         self.sampler = Sampler(eos_token_ids, config.kernel_backend)
         self.graphs = None
         if use_graphs:

@@ -343,7 +343,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     chosen = _registry.resolve_supported(
         op, op, backend, dev, kernel_unsupported(q.dtype, head_dim, block_size if paged else None))
     if (k is not None and seqlen_q == 1 and num_new == 1 and k_cache.dtype == q.dtype
-            and q.numel() and chosen in _registry.available_backends(FUSED_APPEND)):
+            and tree_mask is None and q.numel()
+            and chosen in _registry.available_backends(FUSED_APPEND)):
         # One kernel: rotate, store, attend (the cache is written in place).
         out, lse = torch.ops.ember.flash_attn_with_kvcache_append(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, bool(rotary_interleaved),
