@@ -42,6 +42,11 @@ MAX_AUTO_SPLITS = 128
 # with the combine at ~2-3 us instead of ~15-20: 1 x 4k 28 -> ~11 us (~1.5 TB/s), 1 x 32k
 # 75 -> ~58 us (~2.3 TB/s), 1 x 128k 206 -> ~190 us (~2.8 TB/s). The split rule is unchanged,
 # so the Triton backend, which shares it, partitions identically.
+# Short sequences in a long cache (the engine's batch-1 decode: capacity 131072 keys, a few
+# hundred cached) get the plan of the capacity, 32 splits, of which the few holding a tile run.
+# Forcing 1, 2, 4, 8 or 16 splits instead measured within 1.5% of it on the Llama-3.2-1B decode
+# step (H100, 16 layers, 384 keys): at that size a decode kernel's time is its chain of
+# dependent memory round trips (lengths, block table, K/V, the merge), not the split count.
 # Already this close to a full wave of programs without splitting: splitting cannot pay.
 FULL_ENOUGH = 0.8
 # Among split counts, take the smallest whose wave efficiency is this close to the best one
