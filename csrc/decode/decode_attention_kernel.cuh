@@ -357,6 +357,8 @@ __device__ __forceinline__ void rotate_tile_rows(unsigned char* tile, int row0, 
 }
 
 // Writes row `row` of the K and V tiles (the new token, at key position `pos`) into the cache.
+// The page lookup repeats load_kv_tile's on purpose: one helper shared by both (H100, same run)
+// changed load_kv_tile's code enough that a CTA streaming 16 tiles took 20.6 us instead of 15.7.
 template <class Cfg>
 __device__ __forceinline__ void store_new_row(const unsigned char* k_tile,
                                               const unsigned char* v_tile, int row,

@@ -45,8 +45,8 @@ def flash_attn_with_kvcache_append(q, k_cache, v_cache, k, v, rotary_cos, rotary
 def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
                             window_left, window_right, num_splits, tree_mask, k_scale, v_scale,
                             new_token=None):
-    """CUDA backend of ``ember.ops.flash_attn_with_kvcache`` (new tokens are already in the
-    cache, so the caches are only read).
+    """CUDA backend of ``ember.ops.flash_attn_with_kvcache``. Without ``new_token`` the new
+    tokens are already in the cache and the caches are only read.
 
     Args:
         q: ``[batch, seqlen_q, heads_q, d]`` float16/bfloat16, d in (64, 96, 128, 256).
