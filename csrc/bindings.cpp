@@ -14,6 +14,7 @@ void bind_norm(pybind11::module_& m);
 void bind_rotary(pybind11::module_& m);
 void bind_activation(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
+void bind_copy(pybind11::module_& m);
 }  // namespace ember
 
 PYBIND11_MODULE(_C, m) {
@@ -25,4 +26,5 @@ PYBIND11_MODULE(_C, m) {
   ember::bind_rotary(m);
   ember::bind_activation(m);
   ember::bind_gemm(m);
+  ember::bind_copy(m);
 }

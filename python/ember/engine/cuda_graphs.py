@@ -2,19 +2,19 @@
 
 A decode-only step of ``n`` sequences replays the graph captured for the smallest batch size
 ``>= n``; the extra rows are padding: sequences of no cached key whose one new K/V row goes to a
-scratch KV block that no sequence owns. All the step's inputs live in one static device buffer,
-filled from a pinned host mirror by one copy (token ids and positions; cached key counts;
-sampling parameters; block table rows);
-what comes back is the sampled token ids on the device (sampled outside the graph, from its
-logits, for the rare step whose sampling needs host-side edits).
+scratch KV block that no sequence owns. The step's inputs (token ids and positions; cached key
+counts; sampling parameters; block table rows) are static device tensors, filled from a pinned
+host mirror by one ``ember.ops.multi_copy`` kernel that reads only the rows and columns the step
+uses; what comes back is the sampled token ids on the device (sampled outside the graph, from
+its logits, for the rare step whose sampling needs host-side edits).
 """
 
-import math
 import time
 
 import numpy as np
 import torch
 
+from ember import ops
 from ember.engine.block_manager import block_tables
 from ember.engine.sampler import fill_sampling_rows, sample_rows
 from ember.models.attention import AttentionMetadata
@@ -27,16 +27,6 @@ def graph_batch_sizes(max_num_seqs: int) -> list:
     return sizes + [largest]
 
 
-def _views(buffer: torch.Tensor, regions: list) -> dict:
-    """Typed views ``name -> [shape] dtype`` of consecutive regions of a uint8 buffer."""
-    views, offset = {}, 0
-    for name, dtype, shape in regions:
-        size = math.prod(shape) * dtype.itemsize
-        views[name] = buffer[offset:offset + size].view(dtype).view(shape)
-        offset += size
-    return views
-
-
 class DecodeGraphs:
     def __init__(self, model, kv_caches, sampler, *, max_num_seqs: int, max_blocks_per_seq: int,
                  scratch_block: int, device):
@@ -44,28 +34,23 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.sizes = graph_batch_sizes(max_num_seqs)
         largest = self.sizes[-1]
-        # Static inputs, all views of one device byte buffer so that a step's inputs arrive
-        # in one copy. tokens: rows (input ids, positions); seqlens: cached keys (= positions);
-        # floats/ints: the sampling rows of sampler.py. Until a step fills them, every row is
-        # padding. The block table comes last: a step copies only its first n rows.
-        regions = [("tokens", torch.int64, (2, largest)), ("ints", torch.int64, (3, largest)),
-                   ("floats", torch.float32, (3, largest)), ("seqlens", torch.int32, (largest,)),
-                   ("block_table", torch.int32, (largest, max_blocks_per_seq))]
-        nbytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in regions)
-        self.static = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        for name, view in _views(self.static, regions).items():
-            setattr(self, name, view)
+        # Static inputs. tokens: rows (input ids, positions); seqlens: cached keys (=
+        # positions); floats/ints: the sampling rows of sampler.py. Until a step fills them,
+        # every row is padding.
+        shapes = {"tokens": (torch.int64, (2, largest)), "ints": (torch.int64, (3, largest)),
+                  "floats": (torch.float32, (3, largest)), "seqlens": (torch.int32, (largest,)),
+                  "block_table": (torch.int32, (largest, max_blocks_per_seq))}
+        for name, (dtype, shape) in shapes.items():
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
         self.block_table[:, 0] = scratch_block
-        self._table_offset = self.block_table.data_ptr() - self.static.data_ptr()
-        self._table_row_bytes = max_blocks_per_seq * 4
-        # Their pinned host mirror, two used in turn: with async scheduling a step is prepared
-        # while the previous one's copy may still be queued behind the step before. Two steps
-        # back, that copy ran before a step whose tokens reached the host.
+        # Their pinned host mirrors, two used in turn: with async scheduling a step is prepared
+        # while the previous one's inputs may still be unread, queued behind the step before.
+        # Two steps back, they were read before a step whose tokens reached the host.
         self.host_inputs = []
         for _ in range(2):
-            pinned = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
-            self.host_inputs.append(
-                (pinned, {name: t.numpy() for name, t in _views(pinned, regions).items()}))
+            pinned = {name: torch.zeros(shape, dtype=dtype, pin_memory=True)
+                      for name, (dtype, shape) in shapes.items()}
+            self.host_inputs.append((pinned, {name: t.numpy() for name, t in pinned.items()}))
         self._turn = 0
         self.graphs: dict = {}  # size -> (graph, logits, token ids)
         start = time.perf_counter()
@@ -124,13 +109,22 @@ class DecodeGraphs:
         host["seqlens"][n:size] = 0
         fill_sampling_rows(seqs, host["floats"], host["ints"])
         # A padding row writes its K/V at position 0 of its first block: the scratch one.
-        # Columns past a sequence's blocks are never read: stale values there are harmless.
-        host["block_table"][:n, :table.shape[1]] = table
+        # Columns past a sequence's blocks are never read: stale values there are harmless, so
+        # only the columns these sequences use are sent.
+        cols = table.shape[1]
+        host["block_table"][:n, :cols] = table
         host["block_table"][n:size, 0] = self.scratch_block
-        end = self._table_offset + size * self._table_row_bytes
-        self.static[:end].copy_(pinned[:end], non_blocking=True)
-        if input_ids is not None:
-            self.tokens[0, :n].copy_(input_ids)
+        dsts = [self.ints[:, :size], self.floats[:, :size], self.seqlens[:size],
+                self.block_table[:size, :cols]]
+        srcs = [pinned["ints"][:, :size], pinned["floats"][:, :size], pinned["seqlens"][:size],
+                pinned["block_table"][:size, :cols]]
+        if input_ids is None:
+            dsts.append(self.tokens[:, :size])
+            srcs.append(pinned["tokens"][:, :size])
+        else:  # padding rows keep earlier ids: zeros or real tokens, valid either way
+            dsts += [self.tokens[1, :size], self.tokens[0, :n]]
+            srcs += [pinned["tokens"][1, :size], input_ids]
+        ops.multi_copy(dsts, srcs)
         graph, logits, token_ids = self.graphs[size]
         graph.replay()
         if self.sampler.needs_logit_edits(seqs):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ember import ops
 from ember.engine.block_manager import block_tables, slot_mapping
 from ember.engine.config import EngineConfig
 from ember.engine.cuda_graphs import DecodeGraphs
@@ -227,6 +228,6 @@ class ModelRunner:
             return StepOutput(seqs, device_tokens)
         turn, self._turn = self._turn, self._turn ^ 1
         host = self._host_tokens[turn][:len(seqs)]
-        host.copy_(device_tokens, non_blocking=True)
+        ops.multi_copy([host], [device_tokens])
         self._ready[turn].record()
         return StepOutput(seqs, device_tokens, host, self._ready[turn])

@@ -797,3 +797,8 @@ def speculative_accept(draft_token_ids, draft_probs, target_probs, seeds, offset
     out = torch.where(slot == num_accepted[:, None], last, out)
     return out, num_accepted
 
+
+
+def multi_copy(dsts, srcs):
+    for dst, src in zip(dsts, srcs, strict=True):
+        dst.copy_(src, non_blocking=True)
