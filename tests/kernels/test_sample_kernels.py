@@ -193,9 +193,15 @@ def test_philox_uniforms_match_reference(backend, device):
 
 @pytest.mark.parametrize("backend,device,dtype",
                          with_dtypes(torch.float32, torch.float16, torch.bfloat16))
-@pytest.mark.parametrize("vocab", [1, 7, 1000, 5000])
-def test_greedy_rows_match_reference(backend, device, dtype, vocab):
-    """First index of the largest logit, ties across chunks included; filters are ignored."""
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 5000, 20000])
+@pytest.mark.parametrize("max_pass", ["auto", "one_program"])
+def test_greedy_rows_match_reference(backend, device, dtype, vocab, max_pass, monkeypatch):
+    """First index of the largest logit, ties across chunks included; filters are ignored.
+    Rows longer than one max-pass chunk take the separate max pass at this batch ("auto") or
+    the in-program one."""
+    if max_pass == "one_program" and backend == "triton":
+        from ember.triton_kernels import sampling
+        monkeypatch.setattr(sampling, "max_pass_chunks", lambda *args: 1)
     batch = 5
     logits = torch.randn(batch, vocab)
     if vocab > 2:
@@ -300,7 +306,7 @@ def special_rows(vocab):
 
 @pytest.mark.parametrize("backend,device,dtype",
                          with_dtypes(torch.float32, torch.float16, torch.bfloat16))
-@pytest.mark.parametrize("vocab", [17, 3000])
+@pytest.mark.parametrize("vocab", [17, 3000, 20000])
 def test_nan_and_inf_rows_match_reference(backend, device, dtype, vocab):
     """NaN never drawn, +inf entries share the mass, no usable logit is uniform (greedy: 0);
     greedy, unfiltered and filtered."""
