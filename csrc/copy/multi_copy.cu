@@ -90,8 +90,7 @@ void multi_copy(MultiCopyParams p, std::intptr_t stream) {
                                   " has negative sizes or rows that overlap");
     }
     if (r.dst_on_host) r.dst = device_address(r.dst, "a destination");
-    if (r.src_on_host) r.src = const_cast<const void*>(device_address(const_cast<void*>(r.src),
-                                                                      "a source"));
+    if (r.src_on_host) r.src = device_address(const_cast<void*>(r.src), "a source");
     const bool vectors = vector_aligned(r);
     vector_mask |= unsigned{vectors} << i;
     most_units = std::max(most_units, r.rows * (vectors ? r.row_bytes / 16 : r.row_bytes));

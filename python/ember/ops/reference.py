@@ -798,7 +798,7 @@ def speculative_accept(draft_token_ids, draft_probs, target_probs, seeds, offset
     return out, num_accepted
 
 
-
 def multi_copy(dsts, srcs):
+    """Copy each ``srcs[i]`` into ``dsts[i]``, ordered on the stream as ``non_blocking`` copies."""
     for dst, src in zip(dsts, srcs, strict=True):
         dst.copy_(src, non_blocking=True)
