@@ -12,12 +12,12 @@ namespace ember {
 void bind_decode(py::module_& m) {
   m.def(
       "decode_tile_shape",
-      [](int head_dim, int packed_rows) {
-        const DecodeTileShape s = decode_tile_shape(head_dim, packed_rows);
+      [](int head_dim, int packed_rows, bool fp8) {
+        const DecodeTileShape s = decode_tile_shape(head_dim, packed_rows, fp8);
         return py::make_tuple(s.block_m, s.block_n);
       },
-      "(block_m, block_n) of the flash_attn_with_kvcache kernel for a head dim and "
-      "(heads_q / heads_kv) * seqlen_q packed query rows");
+      "(block_m, block_n) of the flash_attn_with_kvcache kernel for a head dim, "
+      "(heads_q / heads_kv) * seqlen_q packed query rows and a 16-bit (fp8=False) or fp8 cache");
 
   m.def(
       "flash_attn_with_kvcache",

@@ -1,6 +1,7 @@
 // flash_attn_with_kvcache: checks the launch-level arguments and dispatches on the head dim.
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common/common.h"
 #include "decode/decode_attention.h"
@@ -8,25 +9,26 @@
 
 namespace ember {
 
-DecodeTileShape decode_tile_shape(int head_dim, int packed_rows) {
-  // The tile shape does not depend on the element types: read it off the fp16 configs.
+DecodeTileShape decode_tile_shape(int head_dim, int packed_rows, bool fp8) {
+  // The tile shape depends on the cache's element size, not on q's type: read it off the fp16
+  // configs.
   const bool decode_layout = decode::decode_warps_m(packed_rows) == 1;
-  auto shape = [&](auto one, auto four) -> DecodeTileShape {
-    using One = decltype(one);
-    using Four = decltype(four);
+  auto shape = [&](auto head_dim_tag, auto fp8_tag) -> DecodeTileShape {
+    constexpr int kD = decltype(head_dim_tag)::value;
+    constexpr bool kF = decltype(fp8_tag)::value;
+    using One = decode::DecodeConfig<__half, kD, 1, kF>;
+    using Four = decode::DecodeConfig<__half, kD, 4, kF>;
     return decode_layout ? DecodeTileShape{One::kBlockM, One::kBlockN}
                          : DecodeTileShape{Four::kBlockM, Four::kBlockN};
   };
-  using decode::DecodeConfig;
+  auto for_dim = [&](auto head_dim_tag) {
+    return fp8 ? shape(head_dim_tag, std::true_type{}) : shape(head_dim_tag, std::false_type{});
+  };
   switch (head_dim) {
-    case 64:
-      return shape(DecodeConfig<__half, 64, 1, false>{}, DecodeConfig<__half, 64, 4, false>{});
-    case 96:
-      return shape(DecodeConfig<__half, 96, 1, false>{}, DecodeConfig<__half, 96, 4, false>{});
-    case 128:
-      return shape(DecodeConfig<__half, 128, 1, false>{}, DecodeConfig<__half, 128, 4, false>{});
-    case 256:
-      return shape(DecodeConfig<__half, 256, 1, false>{}, DecodeConfig<__half, 256, 4, false>{});
+    case 64: return for_dim(std::integral_constant<int, 64>{});
+    case 96: return for_dim(std::integral_constant<int, 96>{});
+    case 128: return for_dim(std::integral_constant<int, 128>{});
+    case 256: return for_dim(std::integral_constant<int, 256>{});
     default:
       throw std::invalid_argument(
           "ember: flash_attn_with_kvcache: head_dim must be 64, 96, 128 or 256, got " +

@@ -95,12 +95,13 @@ inline void set_page_size(DecodeParams& p, int page_size) {
 }
 
 // Query rows (block_m) and keys (block_n) per tile of the kernel that serves head_dim with
-// `packed_rows` = (heads_q / heads_kv) * seqlen_q rows per (sequence, kv head). Python plans the
-// split-KV count in units of block_n keys and block_m-row blocks, so both sides must agree.
+// `packed_rows` = (heads_q / heads_kv) * seqlen_q rows per (sequence, kv head), over a 16-bit or
+// an fp8 cache. Python plans the split-KV count in units of block_n keys and block_m-row
+// blocks, so both sides must agree.
 struct DecodeTileShape {
   int block_m, block_n;
 };
-DecodeTileShape decode_tile_shape(int head_dim, int packed_rows);
+DecodeTileShape decode_tile_shape(int head_dim, int packed_rows, bool fp8);
 
 // Runs the attention kernel (with p.num_splits > 1, its last split per row block folds the
 // splits). dtype: code of q (fp16/bf16); cache_dtype: q's code or float8_e4m3fn. Throws

@@ -27,10 +27,11 @@
 //     in where row j lives: block block_table[b, j / page_size], slot j % page_size, so a tile
 //     may span several pages (any page size that is a multiple of 16). Rows past the sequence
 //     end are zero-filled, never read.
-//   * fp8 caches: tiles arrive as bytes, are widened to q's type in registers into a 16-bit tile
-//     (exactly: every e4m3 value is a 16-bit value), and the scales are applied outside the
-//     loop: k_scale joins the softmax scale, v_scale the final normalisation. In the decode
-//     layout each warp widens only the key rows it reads, so that needs no CTA barrier.
+//   * fp8 caches: tiles stay bytes in shared memory; each lane reads the bytes of its own MMA
+//     B fragments (head_dim is summed in a permuted order for K, O's columns are permuted for
+//     V, so those bytes are contiguous) and widens them to q's type in registers, exactly
+//     (every e4m3 value is a 16-bit value). The scales are applied outside the loop: k_scale
+//     joins the softmax scale, v_scale the final normalisation.
 //   * S = Q K^T and O += P V with mma.sync (f32 accumulate), online softmax in base 2, and the
 //     masks (sequence end, causal/window bounds around the bottom-right diagonal, tree mask over
 //     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
@@ -103,11 +104,22 @@ struct DecodeConfig {
   static constexpr int kWarpsN = kWarps / kWarpsM;
   static constexpr bool kFp8 = kFp8_;
   static constexpr int kThreads = kWarps * 32;
+  static constexpr int kElemBytes = kFp8 ? 1 : 2;  // per cache element
+  static constexpr int kCacheRowBytes = kHeadDim * kElemBytes;
 
   static constexpr int kBlockM = kWarpRows * kWarpsM;
-  // 16 keys per warp and tile in the decode layout (the k16 step of P V); 64-key tiles in the
-  // append layout, 32 at d = 256 to keep the shared memory of two stages under the budget.
-  static constexpr int kBlockN = (kWarpsM == 1 || kHeadDim <= 128) ? 64 : 32;
+  // Decode layout: 16 keys per warp and tile (the k16 step of P V), 64-key tiles; fp8 caches
+  // take as many keys as make a 32 KB stage of K+V, as bf16 has at d = 128 (128 keys at
+  // d = 128, 256 at d = 64): a 64-key fp8 tile is 8-16 KB, and the per-tile barriers and
+  // softmax bookkeeping would then cost as much as its bytes. bf16 at d = 64 has the same
+  // 128-byte rows as fp8 at d = 128, and 128-key tiles there measured 2399 -> 2638 GB/s at 32:8
+  // 8 x 8k and 2109 -> 2366 at 9:3 32 x 4k on an H100 (commit 716c6e7); but that head dim is
+  // the engine's (Llama-3.2-1B, SmolLM2), whose decode step with them was only measured on
+  // another machine than the 64-key code (59.7% of the roofline against 63.5% and 58.1%), so
+  // bf16 keeps 64-key tiles until an A/B on one machine. Append layout: 64-key tiles, 32 at
+  // d = 256 to keep the shared memory of two stages under the budget.
+  static constexpr int kBlockN = kWarpsM == 1 ? (kFp8 ? 64 * (256 / kHeadDim) : 64)
+                                              : (kHeadDim <= 128 ? 64 : 32);
   static constexpr int kWarpKeys = kBlockN / kWarpsN;
   static constexpr int kNTiles = kWarpKeys / 8;  // n8 tiles of S per warp
   static constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O per warp
@@ -126,10 +138,8 @@ struct DecodeConfig {
   static constexpr int kCopyChunks = kHeadDim / kCopyElems;  // per cache row
 
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
-  static constexpr int kTileBytes = kBlockN * kHeadDim * 2;  // one 16-bit K or V tile
-  static constexpr int kRawTileBytes = kBlockN * kHeadDim * (kFp8 ? 1 : 2);
-  static constexpr int kStageBytes = 2 * kRawTileBytes;      // K then V, as loaded
-  static constexpr int kCvtBytes = kFp8 ? 2 * kTileBytes : 0;  // widened fp8 K then V
+  static constexpr int kRawTileBytes = kBlockN * kCacheRowBytes;  // one K or V tile, as stored
+  static constexpr int kStageBytes = 2 * kRawTileBytes;           // K then V
 
   // At most 4 stages. A build that let d = 64 take 6 (98 KB per CTA instead of 66) ran the
   // Llama-3.2-1B decode step at 1300 us of graph time on one H100, against 1237-1265 us with 4
@@ -137,12 +147,12 @@ struct DecodeConfig {
   // this one share SMs with its CTAs, and a larger footprint leaves them less room.
   static constexpr int stages() {
     for (int s = 4; s > 2; --s) {
-      if (kQBytes + s * kStageBytes + kCvtBytes <= kTwoPerSmBytes) return s;
+      if (kQBytes + s * kStageBytes <= kTwoPerSmBytes) return s;
     }
     return 2;
   }
   static constexpr int kStages = stages();
-  static constexpr int kMainBytes = kQBytes + kStages * kStageBytes + kCvtBytes;
+  static constexpr int kMainBytes = kQBytes + kStages * kStageBytes;
 
   // Epilogue: each warp column's O rows as float32, rows padded by 8 floats so the float2
   // stores of a half-warp (4 rows x 4 lanes) hit 32 distinct banks; then row max and row sum.
@@ -155,6 +165,7 @@ struct DecodeConfig {
   static_assert(sizeof(T) == 2, "fp16/bf16 queries only");
   static_assert(kHeadDim % 32 == 0 && kWarpKeys % 16 == 0, "tile shape");
   static_assert(kChunks % kBlockChunks == 0, "head_dim must fill whole column blocks");
+  static_assert(!kFp8 || kRawTileBytes % 128 == 0, "fp8 tiles are whole 128-byte lines");
 };
 
 // ------------------------------------------------------------------------------------------
@@ -197,20 +208,97 @@ struct Fp8Widen<__nv_bfloat16> {
   }
 };
 
-// Two e4m3 bytes of `x` (selected by `perm`, see widen4) -> two 16-bit values in one register.
+// Two e4m3 values at bits 8..15 (the low result) and 24..31 (the high one) of `y` -> two
+// 16-bit values in one register. Bytes 0 and 2 of `y` are ignored: the shift moves them below or
+// between the fields the mask keeps.
 template <typename T>
-__device__ __forceinline__ uint32_t widen2(uint32_t x, uint32_t perm) {
+__device__ __forceinline__ uint32_t widen_pair(uint32_t y) {
   using W = Fp8Widen<T>;
-  const uint32_t y = __byte_perm(x, 0u, perm);  // bytes at bits 8..15 and 24..31
-  const uint32_t bits = (y & 0x80008000u) | ((y >> W::kShift) & W::kFieldMask);
-  return W::restore(bits);
+  return W::restore((y & 0x80008000u) | ((y >> W::kShift) & W::kFieldMask));
 }
 
 // Four e4m3 values (byte 0 first) -> four 16-bit values in two registers.
 template <typename T>
 __device__ __forceinline__ void widen4(uint32_t x, uint32_t& lo, uint32_t& hi) {
-  lo = widen2<T>(x, 0x1404u);  // byte 0 -> bits 8..15, byte 1 -> bits 24..31, zeros elsewhere
-  hi = widen2<T>(x, 0x3424u);  // bytes 2 and 3
+  lo = widen_pair<T>(__byte_perm(x, 0u, 0x1000u));  // byte 0 -> bits 8..15, byte 1 -> 24..31
+  hi = widen_pair<T>(__byte_perm(x, 0u, 0x3020u));  // bytes 2 and 3
+}
+
+// Byte `byte` of `lo` and of `hi` -> two 16-bit values (lo's in the low half). `byte` is a
+// constant after unrolling, so the selector is an immediate.
+template <typename T>
+__device__ __forceinline__ uint32_t widen_column(uint32_t lo, uint32_t hi, int byte) {
+  return widen_pair<T>(__byte_perm(lo, hi, ((4u + byte) << 12) | (byte << 4)));
+}
+
+// ------------------------------------------------------------------------------------------
+// fp8 tiles in shared memory, read straight into MMA fragments
+// ------------------------------------------------------------------------------------------
+// An fp8 K or V tile is kept as stored (rows of head_dim bytes) and never widened in shared
+// memory: each lane reads the bytes of its own B fragments and widens them in registers. That
+// needs each lane's bytes to be contiguous, which two reorderings give:
+//   * K (B of S = Q K^T, lane (g, t) = (lane / 4, lane % 4) holding k slots 2t, 2t+1, 2t+8,
+//     2t+9 of key g): the sum over head_dim may run in any order, so slots (2t, 2t+1, 2t+8,
+//     2t+9) of k-step ks are taken to be dims (d/4) t + 4 ks + (0, 1, 2, 3), and Q's A
+//     fragments are read in the same order (load_q_frag_fp8). Lane (g, t) reads d/4 contiguous
+//     bytes of key g, all its k-steps at once.
+//   * V (B of O += P V, lane (g, t) holding keys 2t, 2t+1, 2t+8, 2t+9 of column g): column g of
+//     O tile dn is taken to be dim (d/8) g + dn, so a lane reads d/8 contiguous bytes of each of
+//     its four keys, and the O accumulators hold a permutation of the dims that the epilogue
+//     undoes (lane (g, t) holds dims (d/4) t .. (d/4) t + d/4 - 1 of its rows).
+// Rows are laid out as 128-byte lines of 16-byte chunks (a row spans d/128 lines, or two rows
+// share one at d = 64), chunk c of line l stored at c ^ swizzle(l): with this swizzle neither
+// the K reads (8 lanes: 2 keys x 4 column ranges) nor the V reads (4 keys x 2 column ranges at
+// d = 128, 4 x 4 at d = 64) of a shared-memory phase hit one bank twice.
+
+__device__ __forceinline__ uint32_t fp8_line_swizzle(uint32_t line) {
+  const uint32_t l = line & 7;
+  return ((((l & 3) ^ (l >> 2)) << 1) | (l & 1));
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in an fp8 tile.
+template <class Cfg>
+__device__ __forceinline__ uint32_t fp8_chunk_offset(int row, int chunk) {
+  const uint32_t linear = row * (Cfg::kHeadDim / 16) + chunk;
+  const uint32_t line = linear >> 3;
+  return (line << 7) | (((linear & 7) ^ fp8_line_swizzle(line)) << 4);
+}
+
+// kBytes contiguous bytes of row `row` of an fp8 tile from byte `byte0` (a multiple of kBytes)
+// into 32-bit words, in the widest shared loads that divide kBytes.
+template <class Cfg, int kBytes>
+__device__ __forceinline__ void load_fp8_bytes(uint32_t (&w)[kBytes / 4], uint32_t tile, int row,
+                                               int byte0) {
+  constexpr int kPiece = kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : 4;
+#pragma unroll
+  for (int i = 0; i < kBytes / kPiece; ++i) {
+    const int byte = byte0 + i * kPiece;
+    const uint32_t addr = tile + fp8_chunk_offset<Cfg>(row, byte / 16) + byte % 16;
+    uint32_t* d = w + i * (kPiece / 4);
+    if constexpr (kPiece == 16) {
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                   : "r"(addr));
+    } else if constexpr (kPiece == 8) {
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(d[0]), "=r"(d[1]) : "r"(addr));
+    } else {
+      asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(d[0]) : "r"(addr));
+    }
+  }
+}
+
+// Q's A fragment of k-step ks in the dim order of the fp8 K fragments (see above): slots 2t,
+// 2t+1 and 2t+8, 2t+9 of rows g and g + 8 are 4 consecutive dims of the 16-bit Q tile.
+template <class Cfg>
+__device__ __forceinline__ void load_q_frag_fp8(uint32_t (&a)[4], uint32_t s_q, int warp_m,
+                                                int ks, int lane) {
+  const int row = warp_m * kWarpRows + (lane >> 2);
+  const int dim = (Cfg::kHeadDim / 4) * (lane & 3) + 4 * ks;
+  const uint32_t in_chunk = (dim % 8) * 2;
+  const uint32_t top = s_q + tile_offset<Cfg, Cfg::kBlockM>(row, dim / 8) + in_chunk;
+  const uint32_t bottom = s_q + tile_offset<Cfg, Cfg::kBlockM>(row + 8, dim / 8) + in_chunk;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(a[0]), "=r"(a[2]) : "r"(top));
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(a[1]), "=r"(a[3]) : "r"(bottom));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -242,9 +330,9 @@ __device__ __forceinline__ void load_q_tile(uint32_t s_q, const DecodeParams& p,
 }
 
 // Issues the copies of K/V tile `tile` (keys [tile * kBlockN, + kBlockN)) into one stage. 16-bit
-// caches land in swizzled tiles ready for ldmatrix; fp8 caches land as plain rows of head_dim
-// bytes, widened later by widen_rows. Keys at or past seqlen_k are zero-filled without a read,
-// so their block_table entries are never looked up either.
+// caches land in swizzled tiles ready for ldmatrix, fp8 caches in the fp8 tile layout
+// (fp8_chunk_offset). Keys at or past seqlen_k are zero-filled without a read, so their
+// block_table entries are never looked up either.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
                                              int b, int kv_head, int tile, int seqlen_k,
@@ -284,37 +372,13 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
       const int col = chunk * Cfg::kCopyElems;
       uint32_t dst;
       if constexpr (Cfg::kFp8) {
-        dst = row * Cfg::kHeadDim + col;
+        dst = fp8_chunk_offset<Cfg>(row, chunk);
       } else {
         dst = tile_offset<Cfg, Cfg::kBlockN>(row, chunk);
       }
       cp_async_16(s_k + dst, k_src + col, valid);
       cp_async_16(s_v + dst, v_src + col, valid);
     }
-  }
-}
-
-// fp8 only: widens rows [row0, row0 + kRows) of a raw K or V tile (rows of head_dim bytes) into
-// the same rows of a swizzled 16-bit tile, shared by kWorkers threads (worker = 0 ..).
-template <class Cfg, int kRows, int kWorkers>
-__device__ __forceinline__ void widen_rows(unsigned char* dst, const unsigned char* raw, int row0,
-                                           int worker) {
-  using T = typename Cfg::T;
-  constexpr int kItems = kRows * Cfg::kCopyChunks;
-  static_assert(kItems % kWorkers == 0, "fp8 rows split evenly over the threads");
-#pragma unroll
-  for (int i = 0; i < kItems / kWorkers; ++i) {
-    const int idx = i * kWorkers + worker;
-    const int row = row0 + idx / Cfg::kCopyChunks;
-    const int chunk = idx % Cfg::kCopyChunks;
-    const uint4 x = *reinterpret_cast<const uint4*>(raw + row * Cfg::kHeadDim + chunk * 16);
-    uint4 lo, hi;  // 16-bit chunks 2 * chunk and 2 * chunk + 1 of the row
-    widen4<T>(x.x, lo.x, lo.y);
-    widen4<T>(x.y, lo.z, lo.w);
-    widen4<T>(x.z, hi.x, hi.y);
-    widen4<T>(x.w, hi.z, hi.w);
-    *reinterpret_cast<uint4*>(dst + tile_offset<Cfg, Cfg::kBlockN>(row, 2 * chunk)) = lo;
-    *reinterpret_cast<uint4*>(dst + tile_offset<Cfg, Cfg::kBlockN>(row, 2 * chunk + 1)) = hi;
   }
 }
 
@@ -415,26 +479,52 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
   for (int nj = 0; nj < kNT; ++nj)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[nj][e] = 0.f;
+  const int lane = threadIdx.x & 31;
+  if constexpr (Cfg::kFp8) {
+    // Lane (g, t) reads d/4 contiguous bytes of key g of each n8 tile: every k-step's B
+    // fragment (4 bytes each), in the dim order of load_q_frag_fp8.
+    constexpr int kWords = Cfg::kHeadDim / 16;
 #pragma unroll
-  for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks) {
-    uint32_t a[4];
-    if constexpr (Cfg::kQInRegs) {
+    for (int nj = 0; nj < kNT; ++nj) {
+      uint32_t kw[kWords];
+      load_fp8_bytes<Cfg, Cfg::kHeadDim / 4>(kw, s_k, 16 * key16 + 8 * nj + (lane >> 2),
+                                             (Cfg::kHeadDim / 4) * (lane & 3));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) a[e] = q_frag[ks][e];
-    } else {
-      ldmatrix_x4(a, frag_addr<Cfg, Cfg::kBlockM>(s_q, lo.qv, warp_m, ks));
+      for (int ks = 0; ks < kWords; ++ks) {
+        uint32_t a[4];
+        if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[e] = q_frag[ks][e];
+        } else {
+          load_q_frag_fp8<Cfg>(a, s_q, warp_m, ks, lane);
+        }
+        uint32_t b0, b1;
+        widen4<T>(kw[ks], b0, b1);
+        mma_16816<T>(s[nj], a, b0, b1);
+      }
     }
+  } else {
 #pragma unroll
-    for (int nj = 0; nj < kNT / 2; ++nj) {
-      uint32_t bk[4];
-      ldmatrix_x4(bk, frag_addr<Cfg, Cfg::kBlockN>(s_k, lo.k, key16 + nj, ks));
-      mma_16816<T>(s[2 * nj], a, bk[0], bk[1]);
-      mma_16816<T>(s[2 * nj + 1], a, bk[2], bk[3]);
+    for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks) {
+      uint32_t a[4];
+      if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = q_frag[ks][e];
+      } else {
+        ldmatrix_x4(a, frag_addr<Cfg, Cfg::kBlockM>(s_q, lo.qv, warp_m, ks));
+      }
+#pragma unroll
+      for (int nj = 0; nj < kNT / 2; ++nj) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, frag_addr<Cfg, Cfg::kBlockN>(s_k, lo.k, key16 + nj, ks));
+        mma_16816<T>(s[2 * nj], a, bk[0], bk[1]);
+        mma_16816<T>(s[2 * nj + 1], a, bk[2], bk[3]);
+      }
     }
   }
 
   // ---- scale into log2 units first (the scale's sign then cannot upset the max), and mask ----
-  const int lane_key = key0 + 2 * (threadIdx.x & 3);
+  const int lane_key = key0 + 2 * (lane & 3);
 #pragma unroll
   for (int nj = 0; nj < kNT; ++nj) {
 #pragma unroll
@@ -502,12 +592,31 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
     a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
     a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
     a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+    if constexpr (Cfg::kFp8) {
+      // Lane (g, t) reads d/8 contiguous bytes (column g of every O tile, see above) of each of
+      // its keys 2t, 2t+1, 2t+8, 2t+9 of the 16-key group.
+      constexpr int kBytes = Cfg::kHeadDim / 8;
+      const int key = 16 * (key16 + ks) + 2 * (lane & 3);
+      const int byte0 = kBytes * (lane >> 2);
+      uint32_t v0[kBytes / 4], v1[kBytes / 4], v8[kBytes / 4], v9[kBytes / 4];
+      load_fp8_bytes<Cfg, kBytes>(v0, s_v, key, byte0);
+      load_fp8_bytes<Cfg, kBytes>(v1, s_v, key + 1, byte0);
+      load_fp8_bytes<Cfg, kBytes>(v8, s_v, key + 8, byte0);
+      load_fp8_bytes<Cfg, kBytes>(v9, s_v, key + 9, byte0);
 #pragma unroll
-    for (int dn = 0; dn < Cfg::kHeadDim / 16; ++dn) {
-      uint32_t bv[4];
-      ldmatrix_x4_trans(bv, frag_addr<Cfg, Cfg::kBlockN>(s_v, lo.qv, key16 + ks, dn));
-      mma_16816<T>(acc_o[2 * dn], a, bv[0], bv[1]);
-      mma_16816<T>(acc_o[2 * dn + 1], a, bv[2], bv[3]);
+      for (int dn = 0; dn < Cfg::kDTiles; ++dn) {
+        const uint32_t b0 = widen_column<T>(v0[dn / 4], v1[dn / 4], dn % 4);
+        const uint32_t b1 = widen_column<T>(v8[dn / 4], v9[dn / 4], dn % 4);
+        mma_16816<T>(acc_o[dn], a, b0, b1);
+      }
+    } else {
+#pragma unroll
+      for (int dn = 0; dn < Cfg::kHeadDim / 16; ++dn) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, frag_addr<Cfg, Cfg::kBlockN>(s_v, lo.qv, key16 + ks, dn));
+        mma_16816<T>(acc_o[2 * dn], a, bv[0], bv[1]);
+        mma_16816<T>(acc_o[2 * dn + 1], a, bv[2], bv[3]);
+      }
     }
   }
 }
@@ -607,7 +716,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
   const uint32_t s_q = smem_u32(smem);
   const uint32_t s_stages = s_q + Cfg::kQBytes;  // stage s: K at s * kStageBytes, V after it
-  const uint32_t s_cvt = s_stages + kStages * Cfg::kStageBytes;  // fp8: widened K, then V
 
   float acc_o[Cfg::kDTiles][4];
 #pragma unroll
@@ -663,14 +771,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     }
     if constexpr (Cfg::kQInRegs) {
 #pragma unroll
-      for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks)
-        ldmatrix_x4(q_frag[ks], frag_addr<Cfg, kBM>(s_q, lo.qv, warp_m, ks));
+      for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks) {
+        if constexpr (Cfg::kFp8) {
+          load_q_frag_fp8<Cfg>(q_frag[ks], s_q, warp_m, ks, lane);
+        } else {
+          ldmatrix_x4(q_frag[ks], frag_addr<Cfg, kBM>(s_q, lo.qv, warp_m, ks));
+        }
+      }
     }
 
     int stage = 0;
     for (int t = t_begin; t < t_end; ++t) {
       // Tile t has landed for every thread, and every warp is done with tile t - 1, whose stage
-      // (and, for fp8, the widened tiles) the next copies overwrite.
+      // the next copies overwrite.
       cp_async_wait<kStages - 2>();
       __syncthreads();
       {
@@ -683,31 +796,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         }
         cp_async_commit();
       }
-      uint32_t s_k = s_stages + stage * Cfg::kStageBytes;
-      uint32_t s_v = s_k + Cfg::kRawTileBytes;
-      if constexpr (Cfg::kFp8) {
-        unsigned char* raw = smem + (s_k - s_q);
-        unsigned char* cvt = smem + (s_cvt - s_q);
-        if constexpr (Cfg::kWarpsN == kWarps) {
-          // Decode layout: a warp reads only its own kWarpKeys rows of K and of V (attend_tile's
-          // key16 row group), so it widens just those and a warp barrier orders them. Without
-          // a CTA barrier here (one of two per tile) a warp that widens overlaps the tensor-core
-          // work of the others. The rows it overwrites next tile are its own, read before the
-          // CTA barrier at the top of the loop.
-          const int row0 = warp_n * Cfg::kWarpKeys;
-          widen_rows<Cfg, Cfg::kWarpKeys, 32>(cvt, raw, row0, lane);
-          widen_rows<Cfg, Cfg::kWarpKeys, 32>(cvt + Cfg::kTileBytes, raw + Cfg::kRawTileBytes,
-                                              row0, lane);
-          __syncwarp();
-        } else {  // append layout: every warp reads every key of the tile
-          widen_rows<Cfg, kBN, Cfg::kThreads>(cvt, raw, 0, tid);
-          widen_rows<Cfg, kBN, Cfg::kThreads>(cvt + Cfg::kTileBytes, raw + Cfg::kRawTileBytes,
-                                              0, tid);
-          __syncthreads();
-        }
-        s_k = s_cvt;
-        s_v = s_cvt + Cfg::kTileBytes;
-      }
+      const uint32_t s_k = s_stages + stage * Cfg::kStageBytes;
+      const uint32_t s_v = s_k + Cfg::kRawTileBytes;
 
       if (new_pos >= 0 && t == new_pos / kBN) {  // the tile holding the new token
         if constexpr (!Cfg::kFp8) {  // (the host fuses only 16-bit caches)
@@ -771,11 +861,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     for (int w = 0; w < Cfg::kWarpsN; ++w) top = fmaxf(top, s_m[w * kBM + row]);
     // This warp's weight in the merged row; 0 when it saw no key of the row.
     const float weight = row_max[r] == -INFINITY ? 0.f : exp2f(row_max[r] - top);
-    float* dst = s_o + (warp_n * kBM + row) * Cfg::kOStride + 2 * (lane & 3);
+    float* o_row = s_o + (warp_n * kBM + row) * Cfg::kOStride;
+    if constexpr (Cfg::kFp8) {
+      // Column c of O tile dn is dim (d/8) c + dn (the fp8 V order): this lane's columns 2t and
+      // 2t+1 are dims (d/4) t .. (d/4) t + d/4 - 1, the first d/8 from accumulator element
+      // 2r of each tile, the next d/8 from element 2r+1.
+      constexpr int kHalf = Cfg::kHeadDim / 8;
+      float* dst = o_row + (Cfg::kHeadDim / 4) * (lane & 3);
 #pragma unroll
-    for (int dn = 0; dn < Cfg::kDTiles; ++dn) {
-      *reinterpret_cast<float2*>(dst + dn * 8) =
-          make_float2(acc_o[dn][2 * r] * weight, acc_o[dn][2 * r + 1] * weight);
+      for (int i = 0; i < 2 * kHalf; i += 4) {
+        const int e = 2 * r + i / kHalf;
+        const int dn = i % kHalf;
+        *reinterpret_cast<float4*>(dst + i) =
+            make_float4(acc_o[dn][e] * weight, acc_o[dn + 1][e] * weight,
+                        acc_o[dn + 2][e] * weight, acc_o[dn + 3][e] * weight);
+      }
+    } else {
+      float* dst = o_row + 2 * (lane & 3);
+#pragma unroll
+      for (int dn = 0; dn < Cfg::kDTiles; ++dn) {
+        *reinterpret_cast<float2*>(dst + dn * 8) =
+            make_float2(acc_o[dn][2 * r] * weight, acc_o[dn][2 * r + 1] * weight);
+      }
     }
   }
   __syncthreads();

@@ -26,6 +26,9 @@ PROMPTS = [
     "List three benefits of regular exercise:",
 ]
 NEW_TOKENS = 32
+# Float32 logit gap under which two bf16 runs may pick either token: each may be off by
+# about 1 on a logit (see the bf16 test).
+TIE_MARGIN = 2.0
 
 
 def hf_greedy(model, ids, max_new_tokens=NEW_TOKENS):
@@ -169,13 +172,28 @@ def test_bf16_close_to_transformers_bf16(hf_smollm2):
     ours_err, hf_err = torch.cat(ours_err), torch.cat(hf_err)
     assert ours_err.mean() <= 2 * hf_err.mean() + 1e-2
     assert ours_err.max() <= 2 * hf_err.max() + 1e-2
-    # Greedy tokens of most prompts agree with transformers bf16.
+    # Greedy tokens agree with transformers bf16 up to near-ties. Two bf16 computations that
+    # round differently may pick different tokens where the exact model hesitates, and after
+    # the first such step the texts go separate ways, so counting whole agreeing prompts
+    # measures luck (a change of summation order in the decode kernel moved it from 6 of 8 to
+    # 5). What must hold: wherever ember and transformers diverge first, the float32 model's
+    # logits of the two tokens are within TIE_MARGIN.
     llm = ember.LLM("smollm2-135m", dtype="bfloat16", device="cuda")
     params = ember.SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    agree = sum(o.outputs[0].token_ids == hf_greedy(hf16, tokenizer(p).input_ids)
-                for o, p in zip(outs, PROMPTS, strict=True))
-    assert agree >= 6, f"only {agree} of 8 prompts agree with transformers bf16"
+    for out, prompt in zip(outs, PROMPTS, strict=True):
+        ids = tokenizer(prompt).input_ids
+        got, want = out.outputs[0].token_ids, hf_greedy(hf16, ids)
+        step = next((i for i, (g, w) in enumerate(zip(got, want, strict=False)) if g != w),
+                    None)
+        if step is None:
+            assert len(got) == len(want), prompt
+            continue
+        logits = prefill_logits(ours32, ids + got[:step])[-1].float()
+        margin = (logits[got[step]] - logits[want[step]]).abs().item()
+        assert margin <= TIE_MARGIN, (
+            f"{prompt!r}: token {step} is {got[step]} (transformers bf16: {want[step]}), "
+            f"float32 logits {margin:.2f} apart")
 
 
 @pytest.mark.cuda

@@ -73,7 +73,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     paged = block_table is not None
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     splits, m_blocks = _launch_plan(sm_count(q.device), batch, seqlen_q, heads_q, heads_kv,
-                                    head_dim, capacity, num_splits)
+                                    head_dim, capacity, num_splits,
+                                    k_cache.dtype == torch.float8_e4m3fn)
 
     q, k_cache, v_cache = (with_16b_aligned_rows(t) for t in (q, k_cache, v_cache))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -103,10 +104,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, num_splits):
+def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, num_splits,
+                 fp8):
     """``(split count, row blocks per (sequence, kv head))`` of a decode launch, from shapes."""
     packed_rows = heads_q // heads_kv * seqlen_q
-    block_m, block_n = _ext.load_extension().decode_tile_shape(head_dim, packed_rows)
+    block_m, block_n = _ext.load_extension().decode_tile_shape(head_dim, packed_rows, fp8)
     m_blocks = math.ceil(packed_rows / block_m)
     plan = plan_splits(num_sms, batch, heads_kv, capacity, block_n, num_splits=num_splits,
                        m_blocks=m_blocks)
