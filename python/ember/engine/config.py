@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.engine.speculative import SpeculativeConfig
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -25,8 +27,9 @@ class EngineConfig:
     enforce_eager: never capture CUDA graphs.
     async_scheduling: while a decode step runs on the device, schedule and launch the next one
         (its input tokens are the running step's sampled ids, copied on the device), so the
-        host's per-step work overlaps the GPU's; None turns it on for CUDA devices. Rows of
-        requests that the running step finishes (EOS, stop strings) are computed once more
+        host's per-step work overlaps the GPU's; None turns it on for CUDA devices without
+        speculative decoding (whose next step depends on how many drafts were accepted). Rows
+        of requests that the running step finishes (EOS, stop strings) are computed once more
         and dropped.
     kernel_backend: ``backend=`` of every ember.ops call ("auto", "cuda", "triton", "torch").
     gpu_memory_utilization: fraction of GPU memory the engine may use (weights, activations
@@ -35,6 +38,8 @@ class EngineConfig:
     kv_cache_memory_cpu: bytes of KV cache on CPU when num_kv_blocks is None.
     load_format: "auto" (read the weights) or "dummy" (random weights, for benchmarks).
     seed: seeds the per-request sampling seeds of requests that give none.
+    speculative: None, or speculative decoding settings (a dict of SpeculativeConfig's fields,
+        e.g. ``{"method": "ngram", "num_speculative_tokens": 4}``; see speculative.py).
     """
 
     model: str
@@ -54,8 +59,10 @@ class EngineConfig:
     kv_cache_memory_cpu: int = 2 << 30
     load_format: str = "auto"
     seed: int = 0
+    speculative: dict | SpeculativeConfig | None = None
 
     def __post_init__(self):
+        self.speculative = SpeculativeConfig.from_arg(self.speculative)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
                      "kv_cache_memory_cpu"):
             _positive_int(name, getattr(self, name))
@@ -87,10 +94,13 @@ class EngineConfig:
         if self.device.type not in ("cuda", "cpu"):
             raise ValueError(f"device must be cuda or cpu, got {self.device}")
         if self.async_scheduling is None:
-            self.async_scheduling = self.device.type == "cuda"
+            self.async_scheduling = self.device.type == "cuda" and self.speculative is None
         elif not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be a bool or None, got "
                              f"{self.async_scheduling!r}")
+        elif self.async_scheduling and self.speculative is not None:
+            raise ValueError("async_scheduling cannot be combined with speculative decoding: "
+                             "each step depends on how many drafts the last one accepted")
         if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES.values():

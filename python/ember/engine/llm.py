@@ -6,7 +6,9 @@ blocks), has the ModelRunner compute it (model -> ``ember.ops`` kernels) and sam
 appends the new tokens, detokenizes them and checks the stop conditions. ``generate`` and
 ``stream`` loop over ``step`` until their requests finish. With async scheduling, a step of
 decodes that needs nothing from the host is launched before the previous step's tokens are
-read, so the host's work hides behind the GPU's.
+read, so the host's work hides behind the GPU's. With speculative decoding, each decoding
+sequence proposes draft tokens before the step (speculative.py), the step verifies them, and
+the accepted ones are appended with the token sampled after them.
 """
 
 import random
@@ -24,6 +26,7 @@ from ember.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
+from ember.engine.speculative import NgramProposer, accepted_prefix
 from ember.models.loader import Checkpoint, load_model
 
 # The token id of a sequence's last position while the step that samples it is still running
@@ -38,7 +41,8 @@ class LLM:
     ("smollm2-135m"); the keyword arguments are EngineConfig's (dtype, device, max_num_seqs,
     max_num_batched_tokens, max_model_len, block_size, enable_prefix_caching,
     enable_chunked_prefill, enforce_eager, async_scheduling, kernel_backend,
-    gpu_memory_utilization, num_kv_blocks, kv_cache_memory_cpu, load_format, seed).
+    gpu_memory_utilization, num_kv_blocks, kv_cache_memory_cpu, load_format, seed,
+    speculative).
 
     Example::
 
@@ -81,6 +85,9 @@ class LLM:
         self._seed_rng = random.Random(config.seed)
         self._next_id = 0
         self._in_flight = None  # a launched step whose tokens are not read yet (StepOutput)
+        self.proposer = NgramProposer(config.speculative) if config.speculative else None
+        self.num_draft_tokens = 0  # drafts verified so far, and how many were accepted
+        self.num_accepted_tokens = 0
 
     def _requested_max_model_len(self) -> int:
         config, context = self.config, self.model_config.max_position_embeddings
@@ -193,6 +200,8 @@ class LLM:
                 self._in_flight.token_ids()
                 self._in_flight = None
             return []
+        if self._in_flight is None:
+            self._propose_drafts()
         step = self._in_flight or self._launch(self.scheduler.schedule())
         self._in_flight = None
         next_batch = None
@@ -214,6 +223,14 @@ class LLM:
             # After _finish: its blocks can enter the prefix cache once their tokens are known.
             self.scheduler.complete(next_batch)
         return advanced
+
+    def _propose_drafts(self) -> None:
+        """Speculative decoding: draft tokens for every running sequence about to decode."""
+        if self.proposer is None:
+            return
+        for seq in self.scheduler.running:
+            decoding = seq.num_computed_tokens == len(seq) - 1
+            seq.draft_token_ids = self.proposer.propose(seq) if decoding else []
 
     def _launch(self, batch):
         if not batch:  # the scheduler guarantees progress; never spin silently
@@ -250,24 +267,35 @@ class LLM:
 
     def _finish(self, step) -> list:
         """Wait for ``step``'s tokens, append them (filling the placeholders of a step run
-        ahead), detokenize and check the stop conditions."""
-        tokens = step.token_ids()
+        ahead), detokenize and check the stop conditions. A sequence that verified draft
+        tokens gets those that equal the tokens sampled at their positions, then the first
+        sampled token after them; it stops early if one of them ends it."""
+        token_lists = step.token_lists()
         now = time.perf_counter()
         advanced = []
-        for seq, token in zip(step.seqs, tokens, strict=True):
+        for seq, sampled in zip(step.seqs, token_lists, strict=True):
             if seq.is_finished:  # aborted while the step ran
                 continue
-            if seq.token_ids[-1] == PENDING_TOKEN:
-                seq.token_ids[-1] = token
-            else:
-                seq.token_ids.append(token)
+            drafts, seq.draft_token_ids = seq.draft_token_ids[:len(sampled) - 1], []
+            accepted = accepted_prefix(drafts, sampled)
+            self.num_draft_tokens += len(drafts)
+            self.num_accepted_tokens += accepted
             metrics = self._requests[seq.request_id][1]
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
-            self._check_stop(seq, token)
+            for token in sampled[:accepted + 1]:
+                if seq.token_ids[-1] == PENDING_TOKEN:
+                    seq.token_ids[-1] = token
+                else:
+                    seq.token_ids.append(token)
+                self._check_stop(seq, token)
+                if seq.is_finished:
+                    break
             if seq.is_finished:
                 metrics.finished_time = now
                 del self._requests[seq.request_id]
+            elif accepted:
+                self.scheduler.accept_drafts(seq, accepted)
             advanced.append((seq, metrics))
         return advanced
 
@@ -385,7 +413,8 @@ class LLM:
     # ------------------------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """KV cache size, prefix-cache hits, preemptions and CUDA graph capture time."""
+        """KV cache size, prefix-cache hits, preemptions, CUDA graph capture time and the
+        speculative drafts verified and accepted."""
         bm = self.block_manager
         return {
             "num_kv_blocks": bm.num_blocks,
@@ -398,6 +427,9 @@ class LLM:
             "num_preemptions": self.scheduler.num_preemptions,
             "cuda_graph_batch_sizes": self.runner.graph_batch_sizes,
             "graph_capture_seconds": self.runner.graph_capture_seconds,
+            "spec_draft_tokens": self.num_draft_tokens,
+            "spec_accepted_tokens": self.num_accepted_tokens,
+            "spec_acceptance_rate": self.num_accepted_tokens / max(self.num_draft_tokens, 1),
         }
 
 

@@ -29,19 +29,25 @@ class StepInputs:
     input_ids: torch.Tensor  # int64 [num_tokens]
     positions: torch.Tensor  # int64 [num_tokens]
     meta: AttentionMetadata
-    logits_rows: torch.Tensor  # int64 [num_sampling]: rows whose next token is sampled
-    sampling_seqs: list
+    logits_rows: torch.Tensor  # int64 [num_samples]: rows whose next token is sampled
+    sampling_seqs: list  # the sequences that sample, each once
+    rows_per_seq: list  # samples of each sampling sequence: 1 + its draft tokens in the step
+    sample_seqs: list  # the sequence of each sample
+    sample_ahead: list | None  # per sample, its position after the sequence's last token
 
 
 class StepOutput:
-    """A launched step's samples: ``seqs`` (the sequences that sample, in row order) and their
-    new token ids, int64 ``[len(seqs)]`` on the device (``device_tokens``) and, once the step
-    has run, on the host (``token_ids()``)."""
+    """A launched step's samples: ``seqs`` (the sequences that sample, in row order), each with
+    ``rows[i]`` samples (1, or 1 + its draft tokens with speculative decoding), as token ids
+    int64 ``[sum(rows)]`` on the device (``device_tokens``) and, once the step has run, on the
+    host (``token_ids()``, ``token_lists()``)."""
 
     def __init__(self, seqs: list, device_tokens: torch.Tensor | None,
-                 host_tokens: torch.Tensor | None = None, ready: torch.cuda.Event | None = None):
+                 host_tokens: torch.Tensor | None = None, ready: torch.cuda.Event | None = None,
+                 rows: list | None = None):
         self.seqs = seqs
         self.device_tokens = device_tokens
+        self.rows = [1] * len(seqs) if rows is None else rows
         self._host_tokens, self._ready = host_tokens, ready
 
     def token_ids(self) -> list:
@@ -52,6 +58,14 @@ class StepOutput:
             return self.device_tokens.tolist()
         self._ready.synchronize()
         return self._host_tokens.tolist()
+
+    def token_lists(self) -> list:
+        """Per sequence, the list of its sampled ids; waits for the step to finish."""
+        flat, lists, at = self.token_ids(), [], 0
+        for n in self.rows:
+            lists.append(flat[at:at + n])
+            at += n
+        return lists
 
 
 def kv_block_bytes(model, block_size: int) -> int:
@@ -79,7 +93,8 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
     if input_ids is None:
         ids = []
         for seq, start, n in zip(seqs, starts, counts, strict=True):
-            ids += seq.token_ids[start:start + n]
+            tokens = seq.token_ids if start + n <= len(seq) else seq.token_ids + seq.draft_token_ids
+            ids += tokens[start:start + n]
     n_arr = np.asarray(counts, dtype=np.int64)
     first_row = np.concatenate([[0], np.cumsum(n_arr)[:-1]]).astype(np.int64)
     rows = np.repeat(np.arange(len(seqs)), n_arr)
@@ -102,15 +117,26 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
                        for i in range(nd, len(seqs))]
         meta.chunk_block_table = to_dev(tables[nd:])
 
-    # A sequence samples when this step computes its last known token.
-    sampling = [i for i, (s, start, n) in enumerate(zip(seqs, starts, counts, strict=True))
-                if start + n == len(s)]
+    # A sequence samples when this step computes its last known token, and at each of the
+    # draft tokens it computes after it (speculative verification).
+    sampling, rows_per_seq, logits_rows, sample_seqs, ahead = [], [], [], [], []
+    for i, (seq, start, n) in enumerate(zip(seqs, starts, counts, strict=True)):
+        last = len(seq) - 1 - start  # the last known token's row within the sequence's rows
+        if last < n:
+            sampling.append(seq)
+            rows_per_seq.append(n - last)
+            logits_rows += range(int(first_row[i]) + last, int(first_row[i]) + n)
+            sample_seqs += [seq] * (n - last)
+            ahead += range(n - last)
     return StepInputs(
         input_ids=to_dev(np.asarray(ids, dtype=np.int64)) if input_ids is None else input_ids,
         positions=to_dev(positions),
         meta=meta,
-        logits_rows=to_dev((first_row + n_arr - 1)[sampling]),
-        sampling_seqs=[seqs[i] for i in sampling])
+        logits_rows=to_dev(np.asarray(logits_rows, dtype=np.int64)),
+        sampling_seqs=sampling,
+        rows_per_seq=rows_per_seq,
+        sample_seqs=sample_seqs,
+        sample_ahead=ahead if len(ahead) > len(sampling) else None)
 
 
 def count_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
@@ -178,9 +204,12 @@ class ModelRunner:
                 scratch_block=num_blocks, device=self.device)
         if self.device.type == "cuda":
             # Pinned landing buffers of the sampled ids and their ready events, two used in
-            # turn: at most two launched steps are unread at once (async scheduling).
-            self._host_tokens = [torch.empty(config.max_num_seqs, dtype=torch.int64,
-                                             pin_memory=True) for _ in range(2)]
+            # turn: at most two launched steps are unread at once (async scheduling). A
+            # speculative step samples each sequence's drafts too.
+            spec = config.speculative
+            samples = config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec else 0))
+            self._host_tokens = [torch.empty(samples, dtype=torch.int64, pin_memory=True)
+                                 for _ in range(2)]
             self._ready = [torch.cuda.Event() for _ in range(2)]
             self._turn = 0
 
@@ -221,13 +250,15 @@ class ModelRunner:
         if not inputs.sampling_seqs:
             return StepOutput([], None)
         logits = self.model.compute_logits(hidden[inputs.logits_rows])
-        return self._output(inputs.sampling_seqs, self.sampler(logits, inputs.sampling_seqs))
+        tokens = self.sampler(logits, inputs.sample_seqs, inputs.sample_ahead)
+        return self._output(inputs.sampling_seqs, tokens, inputs.rows_per_seq)
 
-    def _output(self, seqs: list, device_tokens: torch.Tensor) -> StepOutput:
+    def _output(self, seqs: list, device_tokens: torch.Tensor,
+                rows: list | None = None) -> StepOutput:
         if self.device.type != "cuda":
-            return StepOutput(seqs, device_tokens)
+            return StepOutput(seqs, device_tokens, rows=rows)
         turn, self._turn = self._turn, self._turn ^ 1
-        host = self._host_tokens[turn][:len(seqs)]
+        host = self._host_tokens[turn][:len(device_tokens)]
         ops.multi_copy([host], [device_tokens])
         self._ready[turn].record()
-        return StepOutput(seqs, device_tokens, host, self._ready[turn])
+        return StepOutput(seqs, device_tokens, host, self._ready[turn], rows)

@@ -23,11 +23,17 @@ from ember.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     """One step's work: ``seqs[i]`` computes ``num_new_tokens[i]`` tokens starting at its
-    ``num_computed_tokens``. The first ``num_decodes`` entries compute one token each."""
+    ``num_computed_tokens``, the last ``num_draft_tokens[i]`` of them its leading draft tokens
+    (speculative decoding; empty when no sequence has drafts). The first ``num_decodes``
+    entries compute one token each."""
 
     seqs: list = field(default_factory=list)
     num_new_tokens: list = field(default_factory=list)
     num_decodes: int = 0
+    num_draft_tokens: list = field(default_factory=list)
+
+    def drafts_of(self, i: int) -> int:
+        return self.num_draft_tokens[i] if self.num_draft_tokens else 0
 
     @property
     def num_tokens(self) -> int:
@@ -64,18 +70,17 @@ class Scheduler:
             seq = self.running[i]
             # A decode, or the next chunk of a prompt (only with chunked prefill).
             num_new = min(len(seq) - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, num_new):
-                victim = self.running.pop()  # the newest
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                picked.append((seq, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            break  # ``seq`` preempted itself: it was the last running sequence
+            # Draft tokens (speculative decoding) only from what the budget keeps after one
+            # token for each running sequence behind this one, and only in free blocks: drafts
+            # never crowd out a decode or preempt a sequence.
+            drafts = min(len(seq.draft_token_ids), budget - num_new - (len(self.running) - i - 1))
+            if drafts > 0 and self.block_manager.allocate(seq, num_new + drafts):
+                num_new += drafts
+            elif not self._allocate_or_preempt(seq, num_new, preempted):
+                break  # ``seq`` preempted itself: it was the last running sequence
+            picked.append((seq, num_new))
+            budget -= num_new
+            i += 1
 
         # Admitting new work while evicting running work would only thrash.
         while (not preempted and self.waiting and budget > 0
@@ -97,19 +102,42 @@ class Scheduler:
 
         # Decodes first: the model runner attends to them with the decode kernel.
         picked.sort(key=lambda item: item[1] != 1)
-        return ScheduledBatch(seqs=[s for s, _ in picked], num_new_tokens=[n for _, n in picked],
-                              num_decodes=sum(1 for _, n in picked if n == 1))
+        seqs, counts = [s for s, _ in picked], [n for _, n in picked]
+        drafts = [max(0, s.num_computed_tokens + n - len(s)) for s, n in picked]
+        return ScheduledBatch(seqs=seqs, num_new_tokens=counts,
+                              num_decodes=sum(1 for n in counts if n == 1),
+                              num_draft_tokens=drafts if any(drafts) else [])
 
     def complete(self, batch: ScheduledBatch) -> None:
         """Record that ``batch`` ran: its tokens are computed and their full blocks cached.
-        Sequences finished meanwhile (async scheduling: by the step before) are skipped."""
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        Draft tokens count only once accepted (``accept_drafts``). Sequences finished
+        meanwhile (async scheduling: by the step before) are skipped."""
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             if seq.is_finished:
                 continue
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - batch.drafts_of(i)
             self.block_manager.cache_full_blocks(seq)
 
+    def accept_drafts(self, seq: Sequence, num_accepted: int) -> None:
+        """The first ``num_accepted`` draft tokens a completed step computed for ``seq`` are
+        now its tokens: their K/V in the cache are valid (those of rejected drafts are
+        overwritten when their positions are computed again)."""
+        seq.num_computed_tokens += num_accepted
+        self.block_manager.cache_full_blocks(seq)
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list) -> bool:
+        """Give ``seq`` the blocks of its next ``num_new`` tokens, preempting the newest running
+        sequences (appended to ``preempted``) until they fit; False if ``seq`` itself went."""
+        while not self.block_manager.allocate(seq, num_new):
+            victim = self.running.pop()  # the newest
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft_token_ids = []
         self.block_manager.free_sequence(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -3,7 +3,8 @@
 A sequence is WAITING (queued, or preempted and waiting to be recomputed), RUNNING (holds KV
 blocks and is scheduled every step) or FINISHED. ``num_computed_tokens`` counts the leading
 tokens whose K/V are in the cache; each step computes the next ``num_new_tokens`` of them (a
-prompt chunk, or the one token sampled last step).
+prompt chunk, or the one token sampled last step, followed by the step's draft tokens with
+speculative decoding).
 """
 
 import enum
@@ -32,6 +33,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list = []
         self.num_computed_tokens = 0
+        # Speculative decoding: tokens proposed to follow token_ids, verified by the next step
+        # (never part of token_ids, the prefix cache or a recompute).
+        self.draft_token_ids: list = []
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None  # "stop", "length" or "abort"

@@ -1,0 +1,199 @@
+"""Speculative decoding with n-gram drafts on a tiny random Llama (CPU, float32).
+
+Every position a step verifies is sampled with the request's own random stream at that output
+index, so with speculation on, greedy and seeded requests must produce exactly the tokens they
+produce with it off, whatever stops them; the tests also check that drafts were accepted, so
+that the equality is not that of two engines that never speculated.
+"""
+
+import pytest
+from tiny_checkpoints import TINY_VOCAB as VOCAB
+from tiny_checkpoints import random_prompts
+
+import ember
+from ember import SamplingParams
+from ember.engine.speculative import SpeculativeConfig, accepted_prefix, ngram_draft
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+        "prompt_lookup_min": 1}
+
+
+def token_prompts(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def generated(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def workload():
+    """Random prompts, and prompts that repeat a random phrase (so n-gram drafts find
+    matches from the first step on)."""
+    phrases = random_prompts(4, VOCAB, [3, 5, 8, 4], seed=11)
+    return random_prompts(4, VOCAB, [1, 7, 30, 12], seed=10) + [p * 4 for p in phrases]
+
+
+@pytest.fixture
+def make(tiny_llama):
+    def make_llm(**kwargs):
+        kwargs.setdefault("num_kv_blocks", 256)
+        return ember.LLM(str(tiny_llama[0]), **kwargs)
+
+    return make_llm
+
+
+def run(llm, prompts, params):
+    return generated(llm.generate(token_prompts(prompts), params, use_tqdm=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Drafts and acceptance
+# ----------------------------------------------------------------------------------------------
+
+def test_ngram_draft_takes_the_latest_occurrence_of_the_longest_suffix():
+    #        0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 1, 5, 6, 8, 2, 5, 6]
+    # Suffix [5, 6] occurs at 0 and 4; the latest (4) is followed by 8, 2, 5, 6.
+    assert ngram_draft(tokens, 3, 2, 1) == [8, 2, 5]
+    assert ngram_draft(tokens, 9, 2, 1) == [8, 2, 5, 6]
+    # A longer suffix is tried first: [2, 5, 6] never occurred before, [5, 6] did.
+    assert ngram_draft(tokens, 2, 3, 2) == [8, 2]
+    # Only suffixes of at least lookup_min tokens count.
+    assert ngram_draft([1, 2, 3, 9, 3], 2, 3, 2) == []
+    assert ngram_draft([1, 2, 3, 9, 3], 2, 3, 1) == [9, 3]
+    # The continuation may run into the suffix itself (a repeating token).
+    assert ngram_draft([4, 4, 4], 5, 2, 1) == [4]
+    assert ngram_draft([7], 4, 3, 1) == [] and ngram_draft([1, 2, 1], 0, 3, 1) == []
+
+
+def test_accepted_prefix_stops_at_the_first_mismatch():
+    assert accepted_prefix([3, 4, 5], [3, 4, 9, 1]) == 2
+    assert accepted_prefix([3, 4], [3, 4, 7]) == 2
+    assert accepted_prefix([3], [2, 3]) == 0
+    assert accepted_prefix([], [8]) == 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"method": "eagle"}, "method"),
+    ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"prompt_lookup_max": True}, "prompt_lookup_max"),
+    ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+    ({"draft_model": "x"}, "unknown speculative settings"),
+])
+def test_bad_speculative_settings_raise(make, bad, match):
+    with pytest.raises(ValueError, match=match):
+        make(speculative=bad)
+
+
+def test_speculation_excludes_async_scheduling(make):
+    with pytest.raises(ValueError, match="async_scheduling"):
+        make(speculative=SPEC, async_scheduling=True)
+    with pytest.raises(ValueError, match="speculative must be"):
+        make(speculative=4)
+    assert make(speculative=SpeculativeConfig()).config.async_scheduling is False
+
+
+# ----------------------------------------------------------------------------------------------
+# Same tokens with speculation on and off
+# ----------------------------------------------------------------------------------------------
+
+def test_greedy_identical_and_drafts_accepted(make):
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    want = run(make(), workload(), params)
+    llm = make(speculative=SPEC)
+    steps = []
+    schedule = llm.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        steps.append(sum(batch.num_draft_tokens))
+        return batch
+
+    llm.scheduler.schedule = spy
+    assert run(llm, workload(), params) == want
+    stats = llm.stats()
+    print(f"greedy: {stats['spec_accepted_tokens']} of {stats['spec_draft_tokens']} drafts "
+          f"accepted")
+    assert stats["spec_accepted_tokens"] > 20
+    # Accepted drafts save steps: fewer steps than the 40 a lone decode needs.
+    assert len(steps) < 40 and any(steps)
+
+
+def test_seeded_sampling_identical_and_drafts_accepted(make):
+    # A low temperature keeps the repeating pattern likely, so sampled tokens often equal the
+    # drafts; top-k and top-p exercise the full sampler on every verified position.
+    params = [SamplingParams(temperature=0.3, top_k=5, top_p=0.95, max_tokens=30, seed=i)
+              for i in range(len(workload()))]
+    want = run(make(), workload(), params)
+    llm = make(speculative=SPEC)
+    assert run(llm, workload(), params) == want
+    assert llm.stats()["spec_accepted_tokens"] > 10
+
+
+def test_stops_inside_accepted_drafts(make):
+    """Stop tokens, min_tokens and max_tokens end a request at the same token with or without
+    speculation, also when a verified step spans the stopping position."""
+    prompts = workload()
+    free = run(make(), prompts, SamplingParams(temperature=0.0, max_tokens=30))
+    # Each output repeats some token: stop on it. And stop on a token that first appears at
+    # output index i >= 4, with min_tokens = i: positions before i must not sample it, the
+    # one at i must (a verified step that spans i starts below min_tokens).
+    cases = []
+    for prompt, out in zip(prompts[4:], free[4:], strict=True):
+        repeated = max(set(out), key=out.count)
+        fresh = next(i for i in range(4, len(out)) if out[i] not in out[:i])
+        cases += [(prompt, SamplingParams(temperature=0.0, max_tokens=30,
+                                          stop_token_ids=[repeated])),
+                  (prompt, SamplingParams(temperature=0.0, max_tokens=30,
+                                          stop_token_ids=[out[fresh]], min_tokens=fresh))]
+    cases += [(prompts[-1], SamplingParams(temperature=0.0, max_tokens=n)) for n in (2, 7)]
+    llm, reference = make(speculative=SPEC), make()
+    for prompt, params in cases:
+        want = reference.generate(token_prompts([prompt]), params, use_tqdm=False)[0]
+        got = llm.generate(token_prompts([prompt]), params, use_tqdm=False)[0]
+        assert (got.outputs[0].token_ids, got.outputs[0].finish_reason,
+                got.outputs[0].stop_reason) == (want.outputs[0].token_ids,
+                                                want.outputs[0].finish_reason,
+                                                want.outputs[0].stop_reason), params
+    assert llm.stats()["spec_accepted_tokens"] > 0
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_preemption_and_prefix_caching_with_speculation(make):
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    prompts = workload()
+    want = run(make(enable_prefix_caching=False), prompts, params)
+    # 10 blocks of 16 tokens for 8 requests of up to 62 tokens: preemption is a must.
+    tight = make(num_kv_blocks=10, max_model_len=160, speculative=SPEC)
+    assert run(tight, prompts, params) == want
+    stats = tight.stats()
+    assert stats["num_preemptions"] > 0 and stats["spec_accepted_tokens"] > 0
+    assert tight.block_manager.num_free_blocks == 10
+    # Follow-up requests extend earlier prompts with their outputs: the prefix cache must hold
+    # only verified tokens (a block hashed with rejected drafts would give wrong hits).
+    follow = [p + w + p[:5] for p, w in zip(prompts, want, strict=True)]
+    llm = make(speculative=SPEC)
+    run(llm, prompts, params)
+    assert run(llm, follow, params) == run(make(enable_prefix_caching=False), follow, params)
+    assert llm.stats()["prefix_cache_hit_tokens"] > 0
+
+
+def test_drafts_never_crowd_out_decodes(make):
+    """Drafts get only the token budget left after one token for every running sequence:
+    with a budget of 4, every running sequence is still scheduled in every step."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = workload()[4:]
+    want = run(make(), prompts, params)
+    llm = make(speculative=SPEC, max_num_seqs=4, max_num_batched_tokens=4)
+    steps = []
+    schedule = llm.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        steps.append((len(batch.seqs), len(llm.scheduler.running), sum(batch.num_draft_tokens)))
+        return batch
+
+    llm.scheduler.schedule = spy
+    assert run(llm, prompts, params) == want
+    assert all(scheduled == running for scheduled, running, _ in steps)
+    assert any(drafts for _, running, drafts in steps if running > 1)
