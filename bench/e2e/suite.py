@@ -5,6 +5,10 @@
   weight bytes a decode step reads over the copy bandwidth measured in the same run
   (``frac_of_roofline``). Bars: >= 70% of it for the 1B and 8B shapes, >= 1,000 tok/s on
   SmolLM2.
+- ``decode_speculative``: SmolLM2 (its GGUF) on one chat request that asks for a passage to be
+  copied, greedy, 256 new tokens: tok/s with prompt-lookup speculative decoding (4 n-gram
+  drafts per step) against the same engine without it, with the drafts accepted and the
+  steps taken. Steps that verify drafts run eagerly (no CUDA graph).
 - ``throughput``: 256 requests, prompt and output lengths uniform in 100..1024, EOS ignored,
   temperature 1, on the 1B shape, all submitted at once; time per output token. transformers
   runs static batches of 64 (left-padded, each batch as long as its longest output; only the
@@ -175,6 +179,48 @@ def _throughput(ctx, root, num_requests, min_len, max_len):
     _check_bar(ctx, "throughput", result["output_tok_s"])
 
 
+SPEC_SETTINGS = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+                 "prompt_lookup_min": 2}
+COPY_PASSAGE = (
+    "The committee met on Tuesday to review the budget for the coming year. After a long "
+    "discussion, the members agreed to increase funding for the library, to repair the roof "
+    "of the town hall, and to hire two more teachers for the primary school. The proposal "
+    "to build a new swimming pool was postponed until the spring, when the cost estimates "
+    "will be ready. The meeting ended at nine in the evening.")
+
+
+def _speculative(ctx, output_len):
+    import ember
+    from ember.engine import benchmark
+
+    if importlib.util.find_spec("gguf") is None:
+        ctx.note("decode_speculative skipped: SmolLM2's weights need the gguf package")
+        return
+    results = {}
+    for name, spec in (("ember", None), ("ember-ngram", SPEC_SETTINGS)):
+        _free_gpu()
+        llm = ember.LLM("smollm2-135m", dtype="bfloat16", speculative=spec)
+        prompt = llm.apply_chat_template([{"role": "user", "content": (
+            "Copy the following text exactly, twice.\n\n" + COPY_PASSAGE)}])
+        results[name] = benchmark.measure_latency(llm, output_len=output_len, prompt=prompt)
+        nbytes, params = _weights(llm.model)
+        del llm
+    _free_gpu()
+    # Rates per output token as in ``decode``: a step that accepts drafts reads the weights
+    # once for several tokens, so the fraction of the weight-bandwidth roofline may pass 1.
+    ctx.record(
+        op="decode_speculative",
+        params={"model": "smollm2-135m", "prompt": "copy a passage", "batch": 1,
+                "output_len": output_len, "num_speculative_tokens":
+                    SPEC_SETTINGS["num_speculative_tokens"]},
+        flops=2.0 * params, bytes=float(nbytes),
+        times={name: 1e3 / r["decode_tok_s"] for name, r in results.items()},
+        anchors=("ember",),
+        extras={name: {"tok_s": r["decode_tok_s"], "decode_steps": r["decode_steps"],
+                       "drafts": r["spec_draft_tokens"], "accepted": r["spec_accepted_tokens"]}
+                for name, r in results.items()})
+
+
 @suite("e2e", order=90, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
 def run(ctx):
     quick = ctx.quick
@@ -183,5 +229,6 @@ def run(ctx):
     with tempfile.TemporaryDirectory() as root:
         for name in models:
             ctx.guarded(f"decode {name}", lambda n=name: _decode(ctx, n, root, 128, output_len))
+        ctx.guarded("decode_speculative", lambda: _speculative(ctx, output_len))
         ctx.guarded("throughput", lambda: _throughput(
             ctx, root, 64 if quick else 256, 100, 256 if quick else 1024))

@@ -47,6 +47,13 @@ def test_measurements_on_a_tiny_random_model(tiny_random):
     llm = ember.LLM(tiny_random, load_format="dummy", num_kv_blocks=64)
     latency = benchmark.measure_latency(llm, input_len=12, output_len=6)
     assert latency["ttft_s"] > 0 and latency["decode_tok_s"] > 0
+    assert latency["decode_steps"] == 5 and latency["spec_draft_tokens"] == 0
+    # A given prompt that repeats itself: prompt-lookup drafts are verified.
+    spec = ember.LLM(tiny_random, load_format="dummy", num_kv_blocks=64,
+                     speculative={"num_speculative_tokens": 3})
+    latency = benchmark.measure_latency(spec, output_len=12, prompt=[7, 8, 9, 10] * 4)
+    assert latency["input_len"] == 16 and latency["spec_draft_tokens"] > 0
+    assert latency["decode_steps"] <= 11
     assert not llm.has_unfinished_requests()
     result = benchmark.measure_throughput(llm, num_requests=6, min_len=3, max_len=9)
     assert result["requests"] == 6 and 18 <= result["output_tokens"] <= 54

@@ -1,7 +1,8 @@
 """End-to-end measurements of an LLM: single-stream latency and batch throughput.
 
-Shared by ``ember bench`` and ``bench/e2e``. Prompts are random token ids and outputs run to
-their length (``ignore_eos``), so results depend only on shapes, not on weights or text.
+Shared by ``ember bench`` and ``bench/e2e``. Prompts are random token ids (unless given) and
+outputs run to their length (``ignore_eos``), so results depend only on shapes, not on weights
+or text.
 """
 
 import random
@@ -24,30 +25,43 @@ def _sync(llm: LLM) -> None:
 
 
 def measure_latency(llm: LLM, input_len: int = 128, output_len: int = 256, seed: int = 0,
-                    warmup: bool = True) -> dict:
-    """One request alone: time to first token and decode tokens/s (batch 1, greedy)."""
+                    warmup: bool = True, prompt: list | None = None) -> dict:
+    """One request alone: time to first token and decode tokens/s (batch 1, greedy).
+
+    ``prompt``: token ids to use instead of a random prompt of ``input_len`` tokens (a text
+    worth speculating on, say). The result also counts the engine steps after the first token
+    and, with speculative decoding, the drafts verified and accepted."""
     rng = random.Random(seed)
     vocab = llm.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     if warmup:
-        llm.generate([random_prompt(input_len, vocab, rng)],
+        length = input_len if prompt is None else len(prompt)
+        llm.generate([random_prompt(length, vocab, rng)],
                      SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
                      use_tqdm=False)
-    prompt = random_prompt(input_len, vocab, rng)
+    if prompt is None:
+        prompt = random_prompt(input_len, vocab, rng)
+    before = llm.stats()
     _sync(llm)
     start = time.perf_counter()
     llm.add_request(prompt, params)
-    first = None
+    first, steps = None, 0
     while llm.has_unfinished_requests():
-        llm.step()  # returns after the sampled token reached the host
+        llm.step()  # returns after the sampled tokens reached the host
         if first is None:
             first = time.perf_counter()
+        else:
+            steps += 1
     end = time.perf_counter()
+    after = llm.stats()
     return {
-        "input_len": input_len,
+        "input_len": len(prompt),
         "output_len": output_len,
         "ttft_s": first - start,
         "decode_tok_s": (output_len - 1) / (end - first),
+        "decode_steps": steps,
+        "spec_draft_tokens": after["spec_draft_tokens"] - before["spec_draft_tokens"],
+        "spec_accepted_tokens": after["spec_accepted_tokens"] - before["spec_accepted_tokens"],
         "total_s": end - start,
     }
 
