@@ -2,6 +2,7 @@
 
     ember generate "The capital of France is" [--model smollm2-135m] [--max-tokens N]
                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--chat]
+                   [--speculative-tokens K]
     ember bench latency|throughput [--model M] [--load-format dummy] ...
 
 Runs on cuda when a GPU is present, else on the CPU (``--device`` overrides).
@@ -20,6 +21,9 @@ def _engine_args(args) -> dict:
         engine["enforce_eager"] = True
     if getattr(args, "max_model_len", None):
         engine["max_model_len"] = args.max_model_len
+    if getattr(args, "speculative_tokens", 0):
+        engine["speculative"] = {"method": "ngram",
+                                 "num_speculative_tokens": args.speculative_tokens}
     return engine
 
 
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
         p.add_argument("--max-model-len", type=int, default=None)
         p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+        p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                       help="speculative decoding with up to K prompt-lookup (n-gram) drafts "
+                            "per step (default 0: off)")
 
     gen = sub.add_parser("generate", help="generate text from a prompt, streaming it")
     gen.add_argument("prompt")

@@ -147,6 +147,13 @@ def test_cli_generate_streams_text(tiny_with_tokenizer, capsys):
     cli.main(["generate", "Hello", "--model", tiny_with_tokenizer, "--max-tokens", "6",
               "--temperature", "0"])
     assert capsys.readouterr().out == "Hello" + want + "\n"
+    # The same text with speculative decoding (greedy tokens do not depend on it).
+    cli.main(["generate", "Hello", "--model", tiny_with_tokenizer, "--max-tokens", "6",
+              "--temperature", "0", "--speculative-tokens", "3"])
+    assert capsys.readouterr().out == "Hello" + want + "\n"
+    with pytest.raises(SystemExit, match="num_speculative_tokens must be a positive int"):
+        cli.main(["generate", "Hello", "--model", tiny_with_tokenizer,
+                  "--speculative-tokens", "-2"])
 
 
 # ----------------------------------------------------------------------------------------------
