@@ -197,3 +197,28 @@ def test_drafts_never_crowd_out_decodes(make):
     assert run(llm, prompts, params) == want
     assert all(scheduled == running for scheduled, running, _ in steps)
     assert any(drafts for _, running, drafts in steps if running > 1)
+
+
+@pytest.mark.cuda
+def test_speculation_on_the_gpu(tmp_path, tiny_llama):
+    """The CUDA engine path (pinned sample buffers holding a step's drafts too, the sampler on
+    the device): float32, where greedy and seeded tokens must match plain decoding; and bf16
+    with CUDA graphs for plain decode steps and eager verification steps in one run."""
+    prompts = workload()
+    greedy = SamplingParams(temperature=0.0, max_tokens=30)
+    seeded = [SamplingParams(temperature=0.3, top_k=5, max_tokens=30, seed=i)
+              for i in range(len(prompts))]
+    args = dict(device="cuda", num_kv_blocks=256, max_num_seqs=16)
+    plain = ember.LLM(str(tiny_llama[0]), dtype="float32", enforce_eager=True, **args)
+    spec = ember.LLM(str(tiny_llama[0]), dtype="float32", enforce_eager=True, speculative=SPEC,
+                     **args)
+    for params in (greedy, seeded):
+        assert run(spec, prompts, params) == run(plain, prompts, params)
+    assert spec.stats()["spec_accepted_tokens"] > 20
+    del plain, spec
+    graphs = ember.LLM(str(tiny_llama[0]), dtype="bfloat16", speculative=SPEC, **args)
+    assert graphs.stats()["cuda_graph_batch_sizes"]
+    outs = run(graphs, prompts, greedy)
+    assert [len(o) for o in outs] == [30] * len(prompts)  # (the tiny model has no EOS)
+    assert graphs.stats()["spec_accepted_tokens"] > 0
+    assert graphs.block_manager.num_free_blocks == 256
