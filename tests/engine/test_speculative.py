@@ -7,12 +7,14 @@ that the equality is not that of two engines that never speculated.
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_checkpoints import TINY_VOCAB as VOCAB
 from tiny_checkpoints import random_prompts
 
 import ember
 from ember import SamplingParams
-from ember.engine.speculative import SpeculativeConfig, accepted_prefix, ngram_draft
+from ember.engine.speculative import NgramIndex, SpeculativeConfig, accepted_prefix, ngram_draft
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
         "prompt_lookup_min": 1}
@@ -64,6 +66,30 @@ def test_ngram_draft_takes_the_latest_occurrence_of_the_longest_suffix():
     # The continuation may run into the suffix itself (a repeating token).
     assert ngram_draft([4, 4, 4], 5, 2, 1) == [4]
     assert ngram_draft([7], 4, 3, 1) == [] and ngram_draft([1, 2, 1], 0, 3, 1) == []
+
+
+def brute_force_draft(tokens, max_tokens, lookup_max, lookup_min):
+    """The definition: the latest earlier occurrence of the longest suffix that has one."""
+    for n in range(lookup_max, lookup_min - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if n <= len(tokens) - 1 and tokens[start:start + n] == tokens[len(tokens) - n:]:
+                return tokens[start + n:start + n + max_tokens]
+    return []
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.integers(0, 3), min_size=1, max_size=40),
+       sizes=st.tuples(st.integers(1, 4), st.integers(0, 3)), max_tokens=st.integers(0, 5),
+       calls=st.lists(st.integers(1, 40), max_size=6))
+def test_incremental_ngram_index_matches_the_definition(tokens, sizes, max_tokens, calls):
+    """One index asked again as its list grows (as a sequence's is) answers like the
+    definition on the whole list each time."""
+    lookup_min, lookup_max = sizes[0], sizes[0] + sizes[1]
+    index = NgramIndex(lookup_min, lookup_max)
+    for length in sorted(calls) + [len(tokens)]:
+        prefix = tokens[:length]
+        assert index.draft(prefix, max_tokens) == brute_force_draft(prefix, max_tokens,
+                                                                   lookup_max, lookup_min)
 
 
 def test_accepted_prefix_stops_at_the_first_mismatch():

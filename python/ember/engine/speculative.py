@@ -21,9 +21,8 @@ same logits, greedy and seeded requests produce the same tokens with speculation
 distribution.)
 """
 
+import weakref
 from dataclasses import dataclass
-
-import numpy as np
 
 from ember.engine.sequence import Sequence
 
@@ -72,23 +71,39 @@ class SpeculativeConfig:
                          f"{type(arg).__name__}")
 
 
-def ngram_draft(token_ids, max_tokens: int, lookup_max: int, lookup_min: int) -> list:
-    """Up to ``max_tokens`` tokens that followed the latest earlier occurrence of the longest
-    suffix of ``token_ids`` (``lookup_max`` down to ``lookup_min`` tokens) that has one; ``[]``
-    if none does."""
-    tokens = np.asarray(token_ids, dtype=np.int64)
-    length = len(tokens)
-    if max_tokens < 1:
+class NgramIndex:
+    """The latest end position of every n-gram (``lookup_min <= n <= lookup_max`` tokens) of a
+    token list that only grows, indexed incrementally: a lookup costs O(lookup_max) whatever
+    the list's length, where scanning the list would cost O(length) per sequence and step."""
+
+    def __init__(self, lookup_min: int, lookup_max: int):
+        self.sizes = range(lookup_max, lookup_min - 1, -1)  # longest first
+        self.ends = {n: {} for n in self.sizes}
+        self.indexed = 0  # n-grams ending before this position are in ``ends``
+
+    def draft(self, token_ids: list, max_tokens: int) -> list:
+        """Up to ``max_tokens`` tokens that followed the latest earlier occurrence of the
+        longest suffix of ``token_ids`` that has one; ``[]`` if none does."""
+        length = len(token_ids)
+        # Index every n-gram ending before the last token (an occurrence of the suffix there is
+        # earlier than the suffix itself and has a token after it).
+        for end in range(self.indexed, length - 1):
+            for n in self.sizes:
+                if end + 1 >= n:
+                    self.ends[n][tuple(token_ids[end + 1 - n:end + 1])] = end
+        self.indexed = max(self.indexed, length - 1)
+        if max_tokens < 1:
+            return []
+        for n in self.sizes:
+            end = self.ends[n].get(tuple(token_ids[length - n:])) if length >= n else None
+            if end is not None:
+                return list(token_ids[end + 1:end + 1 + max_tokens])
         return []
-    for n in range(min(lookup_max, length - 1), lookup_min - 1, -1):
-        # Windows starting at i <= length - n - 1: an occurrence ending before the last token,
-        # so at least one token follows it.
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
-        hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start:start + max_tokens].tolist()
-    return []
+
+
+def ngram_draft(token_ids, max_tokens: int, lookup_max: int, lookup_min: int) -> list:
+    """``NgramIndex.draft`` on a list seen once."""
+    return NgramIndex(lookup_min, lookup_max).draft(list(token_ids), max_tokens)
 
 
 def accepted_prefix(drafts: list, sampled: list) -> int:
@@ -104,10 +119,16 @@ def accepted_prefix(drafts: list, sampled: list) -> int:
 class NgramProposer:
     def __init__(self, config: SpeculativeConfig):
         self.config = config
+        # One index per sequence, dropped with the sequence (its tokens only grow: appended
+        # outputs; preemption recomputes the same tokens).
+        self._indexes = weakref.WeakKeyDictionary()
 
     def propose(self, seq: Sequence) -> list:
         """Draft tokens for a sequence about to decode: none when fewer than two tokens may
         still be generated (a step always emits one)."""
         c = self.config
+        index = self._indexes.get(seq)
+        if index is None:
+            index = self._indexes[seq] = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max)
         room = min(c.num_speculative_tokens, seq.max_tokens - seq.num_output_tokens - 1)
-        return ngram_draft(seq.token_ids, room, c.prompt_lookup_max, c.prompt_lookup_min)
+        return index.draft(seq.token_ids, room)
