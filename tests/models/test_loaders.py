@@ -50,6 +50,8 @@ def test_config_fields_per_architecture(tmp_path):
         assert config.qk_norm == (arch == "qwen3")
         assert config.layer_windows == [12 if arch == "mistral" else None] * 2
         assert config.head_dim == {"qwen3": 24}.get(arch, 16)
+        assert (config.num_experts, config.num_experts_per_tok) == (
+            (4, 2) if arch == "mixtral" else (0, 0))
     assert loader.Checkpoint(str(tmp_path / "llama")).config.rope_scaling["rope_type"] == "llama3"
 
 
@@ -275,6 +277,29 @@ def test_mismatched_checkpoint_tensors(tiny_llama, tmp_path):
         ember.LLM(str(folder))
 
 
+def test_mixtral_checkpoint_tensor_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_checkpoint(tmp_path / "good", "mixtral", vocab_size=VOCAB)
+    tensors = load_file(tmp_path / "good" / "model.safetensors")
+    expert = "model.layers.1.block_sparse_moe.experts.2"
+    cases = [
+        ({k: v for k, v in tensors.items() if k != f"{expert}.w3.weight"},
+         r"lacks tensors for.*layers\.1\.mlp\.w13\[shard \(2, 1\)\]"),
+        ({k: v for k, v in tensors.items() if k != "model.layers.0.block_sparse_moe.gate.weight"},
+         r"lacks tensors for.*layers\.0\.mlp\.gate\.weight"),
+        ({**tensors, "model.layers.0.block_sparse_moe.experts.4.w1.weight": torch.ones(96, 64)},
+         "experts.4.w1.weight' does not belong to a mixtral model"),
+        ({**tensors, f"{expert}.w2.weight": torch.ones(96, 64)},
+         r"experts\.2\.w2\.weight' has shape \(96, 64\), the model expects \(64, 96\)"),
+    ]
+    for i, (bad, message) in enumerate(cases):
+        folder = copy_folder(tmp_path / "good", tmp_path / f"bad{i}")
+        save_file(bad, folder / "model.safetensors")
+        with pytest.raises(ValueError, match=message):
+            ember.LLM(str(folder), num_kv_blocks=8)
+
+
 def test_bad_gguf_files(tiny_llama, tmp_path):
     not_gguf = tmp_path / "fake.gguf"
     not_gguf.write_bytes(b"PK\x03\x04" + bytes(100))
@@ -317,15 +342,22 @@ def test_builtin_alias_checks_the_checksum(monkeypatch):
 def test_gguf_metadata_errors(tmp_path):
     import gguf
 
-    path = tmp_path / "falcon.gguf"
-    w = gguf.GGUFWriter(str(path), "falcon")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def write(name, arch, **metadata):
+        path = tmp_path / name
+        w = gguf.GGUFWriter(str(path), arch)
+        w.add_block_count(1)
+        for key, value in metadata.items():
+            w.add_uint32(f"{arch}.{key}", value)
+        w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return str(path)
+
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'falcon'"):
-        ember.LLM(str(path))
+        ember.LLM(write("falcon.gguf", "falcon"))
+    with pytest.raises(ValueError, match="MoE GGUF files .Mixtral. are not supported"):
+        ember.LLM(write("mixtral.gguf", "llama", expert_count=8))
     with pytest.raises(ValueError, match="unexpected GGUF tensor"):
         gguf_file.hf_name("blk.0.ssm_conv.weight")

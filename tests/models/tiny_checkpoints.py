@@ -9,6 +9,7 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Qwen2Config,
     Qwen3Config,
 )
@@ -30,6 +31,8 @@ ARCHITECTURES = {
     "qwen3": (Qwen3Config, dict(head_dim=24)),
     # Sliding window shorter than the tests' sequences.
     "mistral": (MistralConfig, dict(sliding_window=12, head_dim=16)),
+    # Sparse MoE MLP: 4 experts, 2 per token.
+    "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 
 

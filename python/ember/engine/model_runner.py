@@ -190,7 +190,10 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size = config.block_size
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # Not for MoE models yet: fused_moe has no kernel, and its torch reference finds each
+        # expert's tokens with a host sync, which a CUDA graph cannot capture.
+        use_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                      and not model.config.num_experts)
         # With CUDA graphs, one more block past those the block manager hands out: the scratch
         # block that the graphs' padding rows write their K/V into.
         self.kv_caches = allocate_kv_cache(model, num_blocks + 1 if use_graphs else num_blocks,

@@ -1,9 +1,9 @@
 """ModelConfig: the architecture hyper-parameters the engine needs, read from a Hugging Face
 ``config.json`` or from GGUF metadata.
 
-Llama, Mistral, Qwen2 and Qwen3 are one decoder (``models/llama.py``) that differs only in a few
-switches: QKV bias (Qwen2), per-head QK RMSNorm (Qwen3) and sliding-window attention (Mistral,
-Qwen2/3 ``layer_types``).
+Llama, Mistral, Qwen2, Qwen3 and Mixtral are one decoder (``models/llama.py``) that differs only
+in a few switches: QKV bias (Qwen2), per-head QK RMSNorm (Qwen3), sliding-window attention
+(Mistral, Mixtral, Qwen2/3 ``layer_types``) and a sparse MoE MLP (Mixtral, ``models/moe.py``).
 """
 
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
 }
 # "freq_factors" (per-frequency divisors, how GGUF stores Llama 3 scaling) is ours, not HF's.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
@@ -29,7 +30,8 @@ class ModelConfig:
     sees the ``window`` most recent keys, itself included) or ``None`` for full attention.
     ``rope_scaling`` is ``None`` or a dict with ``rope_type`` in ("linear", "llama3") and that
     type's parameters, as in ``config.json``, or ("freq_factors", ``factors``: one divisor per
-    frequency) from a GGUF.
+    frequency) from a GGUF. ``num_experts`` > 0 makes every MLP a sparse MoE of that many
+    SwiGLU experts of ``intermediate_size``, ``num_experts_per_tok`` of them per token.
     """
 
     architecture: str
@@ -51,6 +53,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list = field(default_factory=list)
     torch_dtype: torch.dtype | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -58,6 +62,9 @@ class ModelConfig:
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(f"model config: {len(self.layer_windows)} layer windows for "
                              f"{self.num_layers} layers")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"model config: num_experts_per_tok ({self.num_experts_per_tok}) "
+                             f"must be in [1, num_local_experts = {self.num_experts}]")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model config: num_attention_heads ({self.num_heads}) must be a "
                              f"multiple of num_key_value_heads ({self.num_kv_heads})")
@@ -122,6 +129,8 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=_eos_ids(cfg, generation_config),
                 torch_dtype=_hf_dtype(cfg.get("dtype") or cfg.get("torch_dtype")),
+                num_experts=cfg["num_local_experts"] if arch == "mixtral" else 0,
+                num_experts_per_tok=cfg["num_experts_per_tok"] if arch == "mixtral" else 0,
             )
         except KeyError as e:
             raise ValueError(f"config.json is missing the field {e.args[0]!r}") from None
@@ -129,7 +138,7 @@ class ModelConfig:
 
 def _hf_layer_windows(cfg: dict, arch: str, num_layers: int) -> list:
     window = cfg.get("sliding_window")
-    if arch == "mistral":
+    if arch in ("mistral", "mixtral"):
         return [window] * num_layers
     if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
         # transformers 5 spells the per-layer choice out; older configs use max_window_layers.

@@ -76,6 +76,9 @@ def gguf_config(reader, path: str) -> ModelConfig:
             raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return value
 
+    if _field(reader, f"{arch}.expert_count", 0):
+        raise ValueError(f"{path}: MoE GGUF files (Mixtral) are not supported; load the "
+                         f"Hugging Face folder instead")
     hidden, num_heads = meta("embedding_length"), meta("attention.head_count")
     names = {t.name for t in reader.tensors}
     scaling = None

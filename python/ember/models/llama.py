@@ -1,11 +1,14 @@
-"""The Llama decoder, also covering Mistral, Qwen2 (QKV bias) and Qwen3 (per-head QK RMSNorm).
+"""The Llama decoder, also covering Mistral, Qwen2 (QKV bias), Qwen3 (per-head QK RMSNorm) and
+Mixtral (a sparse MoE MLP, ``models/moe.py``).
 
 Written with ``ember.ops`` over a flat batch of tokens (no batch/padding dimension): the model
 runner hands in token ids, their positions, the attention metadata of the step and the paged KV
 cache of every layer. Q/K/V and gate/up are single fused projections; ``load_weights`` stacks
-Hugging Face's separate ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` into them.
+Hugging Face's separate ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` into them,
+and Mixtral's per-expert ``w1``/``w3``/``w2`` into the experts' stacked weights.
 """
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 from ember import ops
 from ember.models.attention import AttentionMetadata, paged_attention
 from ember.models.config import ModelConfig
+from ember.models.moe import SparseMoeBlock
 from ember.models.rope import cos_sin_cache
 from ember.ops.linear import SKINNY_K_MULTIPLE, skinny_prefetches_whole_weight
 
@@ -23,6 +27,10 @@ STACKED_PROJECTIONS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+# Mixtral's MoE tensors: layers.{i}.block_sparse_moe.gate.weight (the router) and
+# layers.{i}.block_sparse_moe.experts.{e}.{w1,w2,w3}.weight.
+MOE_TENSOR = re.compile(r"(layers\.\d+)\.block_sparse_moe\."
+                        r"(?:gate\.weight|experts\.(\d+)\.(w[123])\.weight)")
 
 
 class Linear(nn.Linear):
@@ -136,7 +144,11 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, window: int | None, backend: str):
         super().__init__()
         self.self_attn = LlamaAttention(config, window, backend)
-        self.mlp = LlamaMLP(config, backend)
+        if config.num_experts:
+            self.mlp = SparseMoeBlock(config.hidden_size, config.intermediate_size,
+                                      config.num_experts, config.num_experts_per_tok, backend)
+        else:
+            self.mlp = LlamaMLP(config, backend)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
@@ -196,22 +208,20 @@ class LlamaForCausalLM(nn.Module):
         Raises ValueError on an unknown name, a shape mismatch or a parameter left unset.
         """
         params = dict(self.named_parameters())
-        # Every (parameter, shard) that must be filled; shard None is a whole parameter.
-        unset = set()
+        # Every (parameter, shard) that a checkpoint tensor fills; shard None is a whole
+        # parameter.
+        pieces = set()
         for pname in params:
-            owner = self.get_submodule(pname.rpartition(".")[0])
-            shards = range(len(owner.shard_sizes)) if isinstance(owner, FusedLinear) else [None]
-            unset.update((pname, shard) for shard in shards)
+            owner_name, _, short = pname.rpartition(".")
+            pieces.update((pname, shard) for shard in _shards(self.get_submodule(owner_name),
+                                                              short))
+        unset = set(pieces)
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # some tied checkpoints store the head anyway
-            target, shard = name, None
-            for hf_proj, (fused, index) in STACKED_PROJECTIONS.items():
-                if f".{hf_proj}." in name:
-                    target, shard = name.replace(f".{hf_proj}.", f".{fused}."), index
-                    break
-            if target not in params:
+            target, shard = _destination(name)
+            if (target, shard) not in pieces:
                 raise ValueError(f"checkpoint tensor {name!r} does not belong to a "
                                  f"{self.config.architecture} model")
             param = params[target]
@@ -226,3 +236,28 @@ class LlamaForCausalLM(nn.Module):
         if unset:
             names = sorted(f"{p}[shard {s}]" if s is not None else p for p, s in unset)
             raise ValueError(f"checkpoint lacks tensors for {names[:8]} ({len(names)} unset)")
+
+
+def _destination(name: str) -> tuple:
+    """``(our parameter name, shard or None)`` that the Hugging Face tensor ``name`` fills."""
+    for hf_proj, (fused, index) in STACKED_PROJECTIONS.items():
+        if f".{hf_proj}." in name:
+            return name.replace(f".{hf_proj}.", f".{fused}."), index
+    moe = MOE_TENSOR.fullmatch(name)
+    if moe is None:
+        return name, None
+    layer, expert, proj = moe.groups()
+    if expert is None:
+        return f"{layer}.mlp.gate.weight", None
+    stacked, half = SparseMoeBlock.EXPERT_PROJECTIONS[proj]
+    return f"{layer}.mlp.{stacked}", (int(expert), half)
+
+
+def _shards(owner: nn.Module, param_name: str) -> list:
+    """The pieces of parameter ``param_name`` of ``owner`` that checkpoint tensors fill."""
+    if isinstance(owner, FusedLinear):
+        return list(range(len(owner.shard_sizes)))
+    if isinstance(owner, SparseMoeBlock) and param_name in ("w13", "w2"):
+        return owner.shards(param_name)
+    return [None]
+
