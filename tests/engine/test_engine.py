@@ -371,15 +371,23 @@ def test_mixtral_tokens_do_not_depend_on_chunking_preemption_or_speculation(tmp_
 
 
 @pytest.mark.cuda
-def test_mixtral_runs_on_the_gpu_without_graphs(tmp_path):
-    """bf16 on CUDA: fused_moe's torch reference (no kernel yet) cannot be captured in a CUDA
-    graph, so a MoE model runs eagerly."""
+def test_mixtral_on_the_gpu(tmp_path):
+    """bf16 on CUDA: with fused_moe's Triton kernel the decode steps replay CUDA graphs and give
+    eager mode's tokens; on its torch reference (a host sync per expert) the engine runs
+    eagerly."""
     from tiny_checkpoints import save_tiny_checkpoint
 
     save_tiny_checkpoint(tmp_path, "mixtral", vocab_size=VOCAB, seed=5)
-    llm = ember.LLM(str(tmp_path), device="cuda", dtype="bfloat16", num_kv_blocks=64)
-    assert llm.stats()["cuda_graph_batch_sizes"] == []
-    prompts = random_prompts(4, VOCAB, [9, 33], seed=22)
-    outs = llm.generate(token_prompts(prompts), SamplingParams(temperature=0.0, max_tokens=8),
-                        use_tqdm=False)
-    assert [len(o.outputs[0].token_ids) for o in outs] == [8] * 4
+    args = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=8)
+    prompts = random_prompts(8, VOCAB, [9, 33], seed=22)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    eager = ember.LLM(str(tmp_path), enforce_eager=True, **args)
+    graphs = ember.LLM(str(tmp_path), **args)
+    assert 8 in graphs.stats()["cuda_graph_batch_sizes"]
+    want = generated(eager.generate(token_prompts(prompts), params, use_tqdm=False))
+    assert generated(graphs.generate(token_prompts(prompts), params, use_tqdm=False)) == want
+    del eager, graphs
+    reference = ember.LLM(str(tmp_path), kernel_backend="torch", **args)
+    assert reference.stats()["cuda_graph_batch_sizes"] == []
+    outs = generated(reference.generate(token_prompts(prompts), params, use_tqdm=False))
+    assert [len(o) for o in outs] == [8] * 8

@@ -190,10 +190,12 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size = config.block_size
-        # Not for MoE models yet: fused_moe has no kernel, and its torch reference finds each
-        # expert's tokens with a host sync, which a CUDA graph cannot capture.
+        # Not for a MoE model whose fused_moe runs the torch reference: it finds each expert's
+        # tokens with a host sync, which a CUDA graph cannot capture (the Triton kernel can).
+        moe_on_reference = bool(model.config.num_experts) and self.device.type == "cuda" and (
+            ops.resolve_backend("fused_moe", config.kernel_backend, self.device) == "torch")
         use_graphs = (self.device.type == "cuda" and not config.enforce_eager
-                      and not model.config.num_experts)
+                      and not moe_on_reference)
         # With CUDA graphs, one more block past those the block manager hands out: the scratch
         # block that the graphs' padding rows write their K/V into.
         self.kv_caches = allocate_kv_cache(model, num_blocks + 1 if use_graphs else num_blocks,

@@ -2,7 +2,8 @@
 
 Every op has a torch reference (``ember.ops.reference``) and up to three hand-written backends
 (``cuda``, ``triton``, ``nki``), chosen by the ``backend=`` keyword ("auto" by default, or the
-``EMBER_BACKEND`` environment variable); ``available_backends(op)`` lists what can run here.
+``EMBER_BACKEND`` environment variable); ``available_backends(op)`` lists what can run here,
+``resolve_backend(op, backend, device)`` names the one a call would take.
 
 How an op module is laid out (see kvcache.py):
 1. the public function: docstring with shapes and dtypes, validation through _validation.py,
@@ -12,6 +13,7 @@ How an op module is laid out (see kvcache.py):
 """
 
 from ember.ops._registry import available_backends, ops
+from ember.ops._registry import resolve as resolve_backend
 from ember.ops.activation import silu_and_mul
 from ember.ops.attention import (
     flash_attn_func,
@@ -38,6 +40,7 @@ from ember.ops.sparse import compress_24, prune_24, sparse24_gemm
 
 __all__ = [
     "available_backends",
+    "resolve_backend",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
