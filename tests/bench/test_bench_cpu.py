@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import anchors, attention, decode, harness, report, store_kvcache
+from bench import anchors, attention, decode, harness, moe, report, store_kvcache
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -223,6 +223,30 @@ def test_store_kvcache_suite_plumbing_on_cpu(tiny_suites):
         assert r["tbps"] == pytest.approx(want / 1e9, rel=1e-4)
         if r["provider"] == "ember-torch":
             assert r["check"] == "exact"
+
+
+def test_moe_suite_plumbing_on_cpu(tiny_suites, monkeypatch):
+    for name, value in dict(HIDDEN=32, INTER=48, TOKENS=(3, 20)).items():
+        monkeypatch.setattr(moe, name, value)
+    monkeypatch.setattr(moe, "ember_backends",
+                        lambda op, wanted: harness.ember_backends(op, wanted=("torch",)))
+    ctx = harness.Context("moe", roofline={"copy_tbps": 3.0, "matmul_bf16_tflops": 700.0},
+                          timer=_one_ms)
+    moe.run(ctx)
+    rows = {(r["tokens"], r["provider"]): r for r in ctx.rows}
+    assert {p for _, p in rows} == {"ember-torch", "torch-grouped-mm", "torch-loop"}
+    for tokens in (3, 20):
+        ember_row, loop = rows[tokens, "ember-torch"], rows[tokens, "torch-loop"]
+        # 6 T k H I FLOPs; the weights of the experts that got slots, and activations in and out.
+        assert ember_row["tflops"] == pytest.approx(6 * tokens * 2 * 32 * 48 / 1e9, rel=1e-4)
+        active = ember_row["active_experts"]
+        assert 1 <= active <= 8
+        assert ember_row["tbps"] == pytest.approx(
+            2 * (3 * active * 48 * 32 + 2 * tokens * 32) / 1e9, rel=1e-4)
+        assert ember_row["check"] < 1e-6 and loop["check"] < moe.CHECK_TOLERANCE
+    # torch._grouped_mm has no CPU kernel: error rows and notes, never a crash.
+    assert all("error" in r for (_, p), r in rows.items() if p == "torch-grouped-mm") or all(
+        r["check"] < moe.CHECK_TOLERANCE for (_, p), r in rows.items() if p == "torch-grouped-mm")
 
 
 def test_unreadable_results_are_set_aside(tmp_path):
