@@ -1,4 +1,5 @@
-"""Mixtral-style MoE layer (``fused_moe``) in Triton: two gathered grouped GEMMs.
+"""MoE GEMMs in Triton: ``grouped_gemm`` and Mixtral's layer ``fused_moe`` (two gathered grouped
+GEMMs), on one kernel over moe_align's blocks.
 
 Routing and grouping are device-side torch ops with no host sync (``reference.moe_route`` and
 ``reference.moe_align``), so the whole layer can be captured in a CUDA graph. moe_align lists
@@ -114,3 +115,25 @@ def fused_moe(hidden, w13, w2, router_logits, top_k, renormalize):
     out_slots = torch.empty(slots, hidden_size, dtype=torch.float32, device=hidden.device)
     _moe_gemm(act, w2, out_slots, align, weights.reshape(-1).float(), 1, gated=False)
     return out_slots.view(tokens, top_k, hidden_size).sum(dim=1).to(hidden.dtype)
+
+
+def grouped_gemm(x, w, group_offsets):
+    """Triton backend of ``ember.ops.grouped_gemm``: ``out[rows of e] = x[rows of e] @ w[e]^T``.
+
+    x ``[M, K]`` fp16/bf16/fp32 (contiguous last dim), w ``[E, N, K]`` contiguous, x's dtype;
+    group_offsets int32 ``[E]`` cumulative end rows, read as the reference does (clipped to
+    ``[0, M]``, running max). Each row is tagged with its group on the device and moe_align
+    blocks the rows by group, so no host sync. Returns ``[M, N]`` in x's dtype, zero past the
+    last group's end.
+    """
+    rows, experts = x.shape[0], w.shape[0]
+    out = torch.zeros(rows, w.shape[1], dtype=x.dtype, device=x.device)
+    if rows == 0 or experts == 0:
+        return out
+    ends = group_offsets.long().clamp(0, rows).cummax(0).values
+    # Row r belongs to the first group whose end is past it; rows past the last end get the
+    # id ``experts``, which moe_align skips.
+    group = torch.searchsorted(ends, torch.arange(rows, device=x.device), right=True)
+    align = reference.moe_align(group[:, None], experts, BLOCK_M)
+    _moe_gemm(x, w, out, align, None, 1, gated=False)
+    return out

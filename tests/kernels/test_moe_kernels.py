@@ -1,7 +1,7 @@
-"""fused_moe kernels against the float64 reference, with flash-attn's tolerance rule: the error
-may be at most twice that of the same layer computed by torch in the input dtype (routing
-shared, so both pick the same experts). CPU: the Triton interpreter in fp16/fp32; GPU: the
-Triton kernel in fp16/bf16 (marked cuda)."""
+"""grouped_gemm and fused_moe kernels against the float64 reference, with flash-attn's
+tolerance rule: the error may be at most twice that of the same computation done by torch in
+the input dtype (for fused_moe with the routing shared, so both pick the same experts).
+CPU: the Triton interpreter in fp16/fp32; GPU: the Triton kernels in fp16/bf16 (marked cuda)."""
 
 import pytest
 import torch
@@ -75,3 +75,42 @@ def test_fused_moe_edge_cases(backend, device):
     out = ember.ops.fused_moe(h, w13, w2, biased, 1, backend=backend)
     act = F.silu(h.double() @ w13[2, :32].double().T) * (h.double() @ w13[2, 32:].double().T)
     torch.testing.assert_close(out.double(), act @ w2[2].double().T, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend,device", backends_to_test(
+    "grouped_gemm", cpu_backends=("triton",), gpu_backends=("triton",)))
+@pytest.mark.parametrize("m,ends", [(1, [0, 1]), (257, [40, 40, 200]), (70, [0, 5, 69, 70])],
+                         ids=["one-row", "empty-group-and-tail", "empty-first-group"])
+def test_grouped_gemm_matches_reference(backend, device, m, ends, poisoned_outputs):
+    k, n = 96, 130
+    for dtype in dtypes_for(device):
+        g = torch.Generator().manual_seed(m)
+        x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+        w = (torch.randn(len(ends), n, k, generator=g) / k ** 0.5).to(device=device, dtype=dtype)
+        offsets = torch.tensor(ends, dtype=torch.int32, device=device)
+        out = ember.ops.grouped_gemm(x, w, offsets, backend=backend)
+        ref = reference.grouped_gemm(x.double(), w.double(), offsets)
+        lowp = torch.zeros_like(ref, dtype=dtype)
+        start = 0
+        for e, end in enumerate(torch.tensor(ends).clamp(0, m).cummax(0).values.tolist()):
+            lowp[start:end] = x[start:end] @ w[e].T
+            start = end
+        assert_within_lowp_error(out, ref, lowp, atol=1e-5, name=f"grouped_gemm {dtype}")
+        assert torch.equal(out[start:], torch.zeros_like(out[start:]))  # past the last end
+
+
+@pytest.mark.parametrize("backend,device", backends_to_test(
+    "grouped_gemm", cpu_backends=("triton",), gpu_backends=("triton",)))
+def test_grouped_gemm_reads_unchecked_offsets_like_the_reference(backend, device):
+    """Inside a CUDA graph offsets are not validated: out-of-order or out-of-range ends are
+    clipped and made non-decreasing, as every backend reads them, never read out of bounds."""
+    from ember.ops import _registry
+
+    kernel = _registry.implementation("grouped_gemm", backend)
+    x = torch.randn(70, 64).to(device=device, dtype=torch.float16)
+    w = (torch.randn(4, 48, 64) / 8).to(device=device, dtype=torch.float16)
+    for ends in ([5, 0, 69, 90], [-3, 100, 2, 7]):
+        offsets = torch.tensor(ends, dtype=torch.int32, device=device)
+        torch.testing.assert_close(kernel(x, w, offsets).float(),
+                                   reference.grouped_gemm(x, w, offsets).float(),
+                                   rtol=2e-3, atol=2e-3)

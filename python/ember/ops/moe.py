@@ -153,7 +153,8 @@ def _(hidden, w13, w2, router_logits, top_k, renormalize, backend):
 
 
 _registry.register("moe_align", torch=reference.moe_align)
-_registry.register("grouped_gemm", torch=reference.grouped_gemm)
+_registry.register("grouped_gemm", torch=reference.grouped_gemm,
+                   triton="ember.triton_kernels.moe:grouped_gemm")
 _registry.register("fused_moe", torch=reference.fused_moe,
                    triton="ember.triton_kernels.moe:fused_moe")
 _registry.register("grouped_gemm", nki="ember.neuron_kernels.moe:grouped_gemm")
