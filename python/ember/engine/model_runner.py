@@ -93,8 +93,8 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
     if input_ids is None:
         ids = []
         for seq, start, n in zip(seqs, starts, counts, strict=True):
-            tokens = seq.token_ids if start + n <= len(seq) else seq.token_ids + seq.draft_token_ids
-            ids += tokens[start:start + n]
+            known = seq.token_ids[start:start + n]
+            ids += known if len(known) == n else known + seq.draft_token_ids[:n - len(known)]
     n_arr = np.asarray(counts, dtype=np.int64)
     first_row = np.concatenate([[0], np.cumsum(n_arr)[:-1]]).astype(np.int64)
     rows = np.repeat(np.arange(len(seqs)), n_arr)
@@ -119,24 +119,21 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
 
     # A sequence samples when this step computes its last known token, and at each of the
     # draft tokens it computes after it (speculative verification).
-    sampling, rows_per_seq, logits_rows, sample_seqs, ahead = [], [], [], [], []
-    for i, (seq, start, n) in enumerate(zip(seqs, starts, counts, strict=True)):
-        last = len(seq) - 1 - start  # the last known token's row within the sequence's rows
-        if last < n:
-            sampling.append(seq)
-            rows_per_seq.append(n - last)
-            logits_rows += range(int(first_row[i]) + last, int(first_row[i]) + n)
-            sample_seqs += [seq] * (n - last)
-            ahead += range(n - last)
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    last = lengths - 1 - np.asarray(starts, dtype=np.int64)  # its row among the sequence's
+    samples = np.clip(n_arr - last, 0, None)
+    sampling = np.flatnonzero(samples)
+    per_seq = samples[sampling]
+    ahead = np.arange(int(per_seq.sum())) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
     return StepInputs(
         input_ids=to_dev(np.asarray(ids, dtype=np.int64)) if input_ids is None else input_ids,
         positions=to_dev(positions),
         meta=meta,
-        logits_rows=to_dev(np.asarray(logits_rows, dtype=np.int64)),
-        sampling_seqs=sampling,
-        rows_per_seq=rows_per_seq,
-        sample_seqs=sample_seqs,
-        sample_ahead=ahead if len(ahead) > len(sampling) else None)
+        logits_rows=to_dev(np.repeat(first_row[sampling] + last[sampling], per_seq) + ahead),
+        sampling_seqs=[seqs[i] for i in sampling],
+        rows_per_seq=per_seq.tolist(),
+        sample_seqs=[seqs[i] for i in np.repeat(sampling, per_seq)],
+        sample_ahead=ahead.tolist() if len(ahead) > len(sampling) else None)
 
 
 def count_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
