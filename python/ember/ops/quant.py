@@ -229,9 +229,11 @@ def _(x, w_fp8, w_scale, backend):
 
 
 _registry.register("quantize_int8", torch=reference.quantize_int8)
-_registry.register("w8a16_gemm", torch=reference.w8a16_gemm)
+_registry.register("w8a16_gemm", torch=reference.w8a16_gemm,
+                   triton="ember.triton_kernels.quant:w8a16_gemm")
 _registry.register("quantize_int4", torch=reference.quantize_int4)
-_registry.register("w4a16_gemm", torch=reference.w4a16_gemm)
+_registry.register("w4a16_gemm", torch=reference.w4a16_gemm,
+                   triton="ember.triton_kernels.quant:w4a16_gemm")
 _registry.register("quantize_fp8", torch=reference.quantize_fp8)
 _registry.register("fp8_gemm", torch=reference.fp8_gemm)
 _registry.register("w8a16_gemm", nki="ember.neuron_kernels.quant:w8a16_gemm")
