@@ -2,7 +2,7 @@
 
     ember generate "The capital of France is" [--model smollm2-135m] [--max-tokens N]
                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--chat]
-                   [--speculative-tokens K]
+                   [--speculative-tokens K] [--quantization int8|int4]
     ember bench latency|throughput [--model M] [--load-format dummy] ...
 
 Runs on cuda when a GPU is present, else on the CPU (``--device`` overrides).
@@ -21,6 +21,8 @@ def _engine_args(args) -> dict:
         engine["enforce_eager"] = True
     if getattr(args, "max_model_len", None):
         engine["max_model_len"] = args.max_model_len
+    if getattr(args, "quantization", None):
+        engine["quantization"] = args.quantization
     if getattr(args, "speculative_tokens", 0):
         engine["speculative"] = {"method": "ngram",
                                  "num_speculative_tokens": args.speculative_tokens}
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
         p.add_argument("--max-model-len", type=int, default=None)
         p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+        p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                       help="weight-only quantization of the linear layers")
         p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                        help="speculative decoding with up to K prompt-lookup (n-gram) drafts "
                             "per step (default 0: off)")

@@ -38,6 +38,9 @@ class EngineConfig:
     kv_cache_memory_cpu: bytes of KV cache on CPU when num_kv_blocks is None.
     load_format: "auto" (read the weights) or "dummy" (random weights, for benchmarks).
     seed: seeds the per-request sampling seeds of requests that give none.
+    quantization: None, or weight-only quantization of the linear layers once loaded: "int8"
+        (a scale per output channel) or "int4" (a scale and zero point per group of input
+        features), run by ember.ops.w8a16_gemm / w4a16_gemm.
     speculative: None, or speculative decoding settings (a dict of SpeculativeConfig's fields,
         e.g. ``{"method": "ngram", "num_speculative_tokens": 4}``; see speculative.py).
     """
@@ -59,6 +62,7 @@ class EngineConfig:
     kv_cache_memory_cpu: int = 2 << 30
     load_format: str = "auto"
     seed: int = 0
+    quantization: str | None = None
     speculative: dict | SpeculativeConfig | None = None
 
     def __post_init__(self):
@@ -78,6 +82,9 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be None, 'int8' or 'int4', got "
+                             f"{self.quantization!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.kernel_backend not in ("auto", "cuda", "triton", "torch"):

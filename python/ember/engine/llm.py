@@ -42,7 +42,7 @@ class LLM:
     max_num_batched_tokens, max_model_len, block_size, enable_prefix_caching,
     enable_chunked_prefill, enforce_eager, async_scheduling, kernel_backend,
     gpu_memory_utilization, num_kv_blocks, kv_cache_memory_cpu, load_format, seed,
-    speculative).
+    quantization, speculative).
 
     Example::
 
@@ -63,7 +63,8 @@ class LLM:
         max_len = self._requested_max_model_len()
         self.model = load_model(checkpoint, dtype=config.torch_dtype(mc.torch_dtype),
                                 device=config.device, max_positions=max_len,
-                                backend=config.kernel_backend, load_format=config.load_format)
+                                backend=config.kernel_backend, load_format=config.load_format,
+                                quantization=config.quantization)
         num_blocks = count_kv_blocks(config, self.model, max_len)
         capacity = num_blocks * config.block_size
         if capacity < max_len:

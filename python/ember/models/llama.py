@@ -27,6 +27,9 @@ STACKED_PROJECTIONS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+# Weight-only quantization of the decoder's linear layers (LLM(quantization=...)).
+QUANTIZATION_METHODS = ("int8", "int4")
+INT4_GROUP_SIZES = (128, 64, 32)
 # Mixtral's MoE tensors: layers.{i}.block_sparse_moe.gate.weight (the router) and
 # layers.{i}.block_sparse_moe.experts.{e}.{w1,w2,w3}.weight.
 MOE_TENSOR = re.compile(r"(layers\.\d+)\.block_sparse_moe\."
@@ -59,8 +62,41 @@ class Linear(nn.Linear):
                        and "cuda" in ops.available_backends("skinny_linear")
                        and in_features % SKINNY_K_MULTIPLE == 0)
         self.skinny_any_size = skinny_any_size
+        self.quantization = None  # or (method, group size), set by ``quantize``
+
+    def quantize(self, method: str) -> None:
+        """Replace the weight by its weight-only quantization: "int8" (a scale per output
+        channel) or "int4" (a scale and zero point per group of the largest of 128, 64, 32
+        input features that divides them); the products then run on w8a16_gemm/w4a16_gemm."""
+        weight = self.weight.detach()
+        if method == "int8":
+            group_size = None
+            qweight, scale = ops.quantize_int8(weight, backend=self.backend)
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scale", scale)
+        else:
+            group_size = next((g for g in INT4_GROUP_SIZES if self.in_features % g == 0), None)
+            if group_size is None:
+                raise ValueError(f"int4 quantization needs input features divisible by one of "
+                                 f"{INT4_GROUP_SIZES}, got {self.in_features}")
+            packed, scales, zeros = ops.quantize_int4(weight, group_size, backend=self.backend)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scale", scales)
+            self.register_buffer("zeros", zeros)
+        del self.weight
+        self.quantization = (method, group_size)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        if self.quantization is not None:
+            if activation == "silu_and_mul":
+                x = ops.silu_and_mul(x, backend=self.backend)
+            method, group_size = self.quantization
+            if method == "int8":
+                out = ops.w8a16_gemm(x, self.qweight, self.scale, backend=self.backend)
+            else:
+                out = ops.w4a16_gemm(x, self.qweight, self.scale, self.zeros, group_size,
+                                     backend=self.backend)
+            return out if self.bias is None else out + self.bias
         if (self.skinny and x.shape[0] == 1 and x.is_cuda
                 and x.dtype in (torch.float16, torch.bfloat16)
                 and (activation is not None or self.skinny_any_size
@@ -196,6 +232,18 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, meta, kv_cache, self.cos_sin_cache)
         x, _ = self.norm(x, residual)
         return x
+
+    def quantize(self, method: str) -> None:
+        """Weight-only quantization ("int8" or "int4", see ``Linear.quantize``) of every layer's
+        attention and dense MLP projections; the embedding, the LM head, the norms and MoE
+        experts keep the model's dtype."""
+        if method not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be None or one of {QUANTIZATION_METHODS}, got "
+                             f"{method!r}")
+        for layer in self.layers:
+            for module in layer.modules():
+                if isinstance(module, Linear):
+                    module.quantize(method)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # In the weights' dtype: the sampler reads bf16/fp16 logits in float32 itself, so a

@@ -134,11 +134,13 @@ def _hf_weights(folder: str) -> Iterator:
 
 
 def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype, device: torch.device,
-               max_positions: int, backend: str = "auto",
-               load_format: str = "auto") -> LlamaForCausalLM:
+               max_positions: int, backend: str = "auto", load_format: str = "auto",
+               quantization: str | None = None) -> LlamaForCausalLM:
     """Build the model on ``device`` in ``dtype`` and load the checkpoint's weights.
 
     ``load_format="dummy"`` keeps the random initialisation (benchmarks of model shapes).
+    ``quantization`` ("int8", "int4" or None) quantizes the linear layers' weights once loaded
+    (``LlamaForCausalLM.quantize``).
     """
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
@@ -151,4 +153,8 @@ def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype, device: torch.devi
         torch.set_default_dtype(previous)
     if load_format == "auto":
         model.load_weights(checkpoint.weights())
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if quantization is not None:
+        with torch.no_grad():
+            model.quantize(quantization)
+    return model
