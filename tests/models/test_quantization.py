@@ -66,3 +66,26 @@ def test_bad_quantization_settings(tmp_path):
     save_tiny_checkpoint(tmp_path / "odd", "llama", vocab_size=VOCAB, intermediate_size=40)
     with pytest.raises(ValueError, match="int4 quantization needs input features divisible"):
         ember.LLM(str(tmp_path / "odd"), num_kv_blocks=8, quantization="int4")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_engine_on_the_gpu(method, tmp_path):
+    """On CUDA the projections run the Triton w8a16/w4a16 kernels: in float32 (full-precision
+    products) the tokens are those of the dequantised float32 model; in bf16 with CUDA graphs
+    the engine runs and fills its outputs."""
+    save_tiny_checkpoint(tmp_path, "llama", vocab_size=VOCAB, seed=9)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(4, VOCAB, [3, 40], seed=10)]
+    args = dict(device="cuda", num_kv_blocks=64, enforce_eager=True)
+    quantized = ember.LLM(str(tmp_path), dtype="float32", quantization=method, **args)
+    plain = ember.LLM(str(tmp_path), dtype="float32", **args)
+    with torch.no_grad():
+        dequantized_copy(quantized, plain)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in quantized.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == want
+    graphs = ember.LLM(str(tmp_path), dtype="bfloat16", device="cuda", num_kv_blocks=64,
+                       quantization=method)
+    assert graphs.stats()["cuda_graph_batch_sizes"]
+    outs = graphs.generate(prompts, GREEDY, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [24] * 4
