@@ -221,6 +221,50 @@ def _speculative(ctx, output_len):
                 for name, r in results.items()})
 
 
+QUANT_MODELS = ("llama-3.2-1b", "llama-3-8b")
+QUANT_METHODS = ("int8", "int4")
+
+
+def _quantized_step_bytes(model) -> int:
+    """Bytes a decode step reads: as ``_weights``, plus the quantized layers' codes, scales and
+    zero points (buffers, not parameters)."""
+    nbytes, _ = _weights(model)
+    return nbytes + sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                        if name.rpartition(".")[2] in ("qweight", "scale", "zeros"))
+
+
+@suite("e2e_quant", order=91, description="""
+    Single-stream decode (batch 1, 128 + 256 tokens, greedy, random weights) of the Llama-3.2-1B
+    and Llama-3-8B shapes with the linear layers quantized by the engine (int8 per channel, int4
+    per group of 128) against bf16 in the same run; TB/s and the roofline fraction count the
+    bytes a step reads (quantized codes, scales and zeros; the rest in bf16).""")
+def run_quantized(ctx):
+    from ember.engine import benchmark
+
+    output_len = 64 if ctx.quick else 256
+    with tempfile.TemporaryDirectory() as root:
+        for name in QUANT_MODELS[:1] if ctx.quick else QUANT_MODELS:
+            times, extras, step_bytes = {}, {}, {}
+            for method in (None, *QUANT_METHODS):
+                label = f"ember-{method}" if method else "ember-bf16"
+                _free_gpu()
+                llm, _ = _ember_llm(name, root, quantization=method)
+                result = benchmark.measure_latency(llm, 128, output_len)
+                step_bytes[label] = _quantized_step_bytes(llm.model)
+                times[label] = 1e3 / result["decode_tok_s"]
+                extras[label] = {"tok_s": result["decode_tok_s"],
+                                 "step_bytes": step_bytes[label]}
+                del llm
+            _free_gpu()
+            for label, ms in times.items():  # one row each: the bytes differ
+                ctx.record(op="decode_quantized",
+                           params={"model": name, "batch": 1, "output_len": output_len,
+                                   "weights": label.removeprefix("ember-")},
+                           flops=0.0, bytes=float(step_bytes[label]), times={label: ms},
+                           extras={label: {**extras[label],
+                                           "speedup_vs_bf16": times["ember-bf16"] / ms}})
+
+
 @suite("e2e", order=90, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
 def run(ctx):
     quick = ctx.quick

@@ -80,3 +80,19 @@ def test_write_config_folder(tmp_path):
     folder = write_config_folder("llama-3-8b", tmp_path)
     config = ember.models.loader.Checkpoint(folder).config
     assert (config.hidden_size, config.num_layers, config.head_dim) == (4096, 32, 128)
+
+
+def test_quantized_step_bytes(tiny_random):
+    """e2e_quant's byte count: bf16-style parameters (here float32) plus int8 codes and float32
+    scales of the 4 quantized projections of each of the 2 layers."""
+    from bench.e2e.suite import _quantized_step_bytes, _weights
+
+    plain = ember.LLM(tiny_random, load_format="dummy", num_kv_blocks=16)
+    quantized = ember.LLM(tiny_random, load_format="dummy", num_kv_blocks=16, quantization="int8")
+    # hidden 64, 4 heads x 16 (q 64, k/v 32 each), intermediate 64
+    shapes = [(64 + 32 + 32, 64), (64, 64), (128, 64), (64, 64)]  # qkv, o, gate_up, down
+    codes = sum(n * k for n, k in shapes) * 2
+    scales = sum(n for n, _ in shapes) * 2 * 4
+    linear_params = codes * 4  # the same weights in float32
+    assert _quantized_step_bytes(quantized.model) == (
+        _weights(plain.model)[0] - linear_params + codes + scales)
