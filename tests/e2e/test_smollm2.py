@@ -103,10 +103,9 @@ def test_sampling_is_seeded_and_varied(smollm2_llm):
 
 
 def test_speculative_ngram_matches_plain_decoding(smollm2_llm):
-    """Prompt-lookup speculation on the real model: the same greedy text, stop strings
-    included, as without it, with drafts accepted (prompts whose continuation copies them)."""
-    spec = ember.LLM("smollm2-135m", device="cpu", dtype="float32", num_kv_blocks=512,
-                     speculative={"method": "ngram", "num_speculative_tokens": 4})
+    """Prompt-lookup speculation on the real model, chains and trees of candidates: the same
+    greedy text, stop strings included, as without it, with drafts accepted (prompts whose
+    continuation copies them)."""
     prompts = PROMPTS + [
         "Repeat this list exactly: apple, banana, cherry, date, elderberry, fig.\n"
         "apple, banana, cherry,",
@@ -114,17 +113,21 @@ def test_speculative_ngram_matches_plain_decoding(smollm2_llm):
     ]
     params = ember.SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
     want = smollm2_llm.generate(prompts, params, use_tqdm=False)
-    got = spec.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-    stats = spec.stats()
-    print(f"SmolLM2 ngram speculation: {stats['spec_accepted_tokens']} of "
-          f"{stats['spec_draft_tokens']} drafts accepted")
-    assert stats["spec_accepted_tokens"] >= 10
     stop = want[-1].outputs[0].text.split()[3]
-    params = ember.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, stop=stop)
-    want_stop = smollm2_llm.generate(prompts[-1], params, use_tqdm=False)[0].outputs[0]
-    got_stop = spec.generate(prompts[-1], params, use_tqdm=False)[0].outputs[0]
-    assert (got_stop.text, got_stop.finish_reason) == (want_stop.text, "stop")
+    stop_params = ember.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, stop=stop)
+    want_stop = smollm2_llm.generate(prompts[-1], stop_params, use_tqdm=False)[0].outputs[0]
+    for candidates in (1, 3):
+        spec = ember.LLM("smollm2-135m", device="cpu", dtype="float32", num_kv_blocks=512,
+                         speculative={"method": "ngram", "num_speculative_tokens": 4,
+                                      "num_candidates": candidates})
+        got = spec.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        stats = spec.stats()
+        print(f"SmolLM2 ngram speculation, {candidates} candidate(s): "
+              f"{stats['spec_accepted_tokens']} of {stats['spec_draft_tokens']} drafts accepted")
+        assert stats["spec_accepted_tokens"] >= 10
+        got_stop = spec.generate(prompts[-1], stop_params, use_tqdm=False)[0].outputs[0]
+        assert (got_stop.text, got_stop.finish_reason) == (want_stop.text, "stop")
 
 
 def test_hf_folder_with_tokenizer_files(tiny_with_tokenizer, hf_smollm2):

@@ -14,7 +14,14 @@ from tiny_checkpoints import random_prompts
 
 import ember
 from ember import SamplingParams
-from ember.engine.speculative import NgramIndex, SpeculativeConfig, accepted_prefix, ngram_draft
+from ember.engine.speculative import (
+    NgramIndex,
+    SpeculativeConfig,
+    accepted_path,
+    merge_chains,
+    ngram_draft,
+    tree_attention_mask,
+)
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
         "prompt_lookup_min": 1}
@@ -88,15 +95,39 @@ def test_incremental_ngram_index_matches_the_definition(tokens, sizes, max_token
     index = NgramIndex(lookup_min, lookup_max)
     for length in sorted(calls) + [len(tokens)]:
         prefix = tokens[:length]
-        assert index.draft(prefix, max_tokens) == brute_force_draft(prefix, max_tokens,
-                                                                   lookup_max, lookup_min)
+        drafted, parents = index.draft(prefix, max_tokens)
+        assert drafted == brute_force_draft(prefix, max_tokens, lookup_max, lookup_min)
+        assert parents == list(range(-1, len(drafted) - 1))  # one candidate: a chain
 
 
-def test_accepted_prefix_stops_at_the_first_mismatch():
-    assert accepted_prefix([3, 4, 5], [3, 4, 9, 1]) == 2
-    assert accepted_prefix([3, 4], [3, 4, 7]) == 2
-    assert accepted_prefix([3], [2, 3]) == 0
-    assert accepted_prefix([], [8]) == 0
+def test_accepted_path_follows_the_sampled_tokens():
+    # A chain: drafts accepted while they equal the samples at their parents.
+    chain = [-1, 0, 1]
+    assert accepted_path([3, 4, 5], chain, [3, 4, 9, 1]) == [0, 1]
+    assert accepted_path([3, 4, 5], chain, [3, 4, 5, 7]) == [0, 1, 2]
+    assert accepted_path([3], [-1], [2, 3]) == []
+    assert accepted_path([], [], [8]) == []
+    # A tree: 5 -> (6 -> 7), (8 -> 9); the sample picks the branch.
+    tokens, parents = [5, 6, 7, 8, 9], [-1, 0, 1, 0, 3]
+    assert accepted_path(tokens, parents, [5, 8, 0, 0, 9, 2]) == [0, 3, 4]
+    assert accepted_path(tokens, parents, [5, 6, 7, 0, 0, 0]) == [0, 1, 2]
+    assert accepted_path(tokens, parents, [5, 1, 0, 0, 0, 0]) == [0]
+
+
+def test_candidates_merge_into_a_tree():
+    assert merge_chains([[5, 6, 7], [5, 8, 9], [5, 6, 1]], 9) == (
+        [5, 6, 7, 8, 9, 1], [-1, 0, 1, 0, 3, 1])
+    assert merge_chains([[5, 6, 7], [5, 8, 9]], 4) == ([5, 6, 7, 8], [-1, 0, 1, 0])
+    assert merge_chains([[1, 2], [3]], 9) == ([1, 2, 3], [-1, 0, -1])
+    #        0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 1, 5, 6, 8, 2, 5, 6]
+    # Suffix [5, 6] ends at 1 and 5: the latest continuation first, then the earlier one.
+    assert NgramIndex(1, 2, candidates=2).draft(tokens, 4) == ([8, 2, 5, 6], [-1, 0, 1, 2])
+    assert NgramIndex(1, 2, candidates=2).draft(tokens, 6) == (
+        [8, 2, 5, 6, 7, 1], [-1, 0, 1, 2, -1, 4])
+    mask = tree_attention_mask([-1, 0, -1])
+    assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
+                             [True, True, True, False], [True, False, False, True]]
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -154,6 +185,54 @@ def test_seeded_sampling_identical_and_drafts_accepted(make):
     llm = make(speculative=SPEC)
     assert run(llm, workload(), params) == want
     assert llm.stats()["spec_accepted_tokens"] > 10
+
+
+TREE_SPEC = {**SPEC, "num_speculative_tokens": 6, "num_candidates": 3}
+
+
+def tree_workload():
+    """Prompts where one phrase is followed by different continuations: n-gram lookup finds
+    several candidates, merged into trees."""
+    phrases = random_prompts(3, VOCAB, [3, 4, 2], seed=12)
+    tails = random_prompts(9, VOCAB, [2, 3, 4], seed=13)
+    return [sum((phrase + tails[3 * i + j] for j in range(3)), []) + phrase
+            for i, phrase in enumerate(phrases)] + workload()
+
+
+def test_tree_drafts_give_the_same_tokens(make):
+    """Tree attention over several candidates: greedy and seeded tokens as without
+    speculation; some accepted paths leave the first chain (their K/V are computed again)."""
+    llm = make(speculative=TREE_SPEC)
+    trees = []
+    schedule = llm.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        trees.append(sum(1 for s in batch.seqs if any(
+            p != i - 1 for i, p in enumerate(s.draft_parents))))
+        return batch
+
+    llm.scheduler.schedule = spy
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    assert run(llm, tree_workload(), greedy) == run(make(), tree_workload(), greedy)
+    seeded = [SamplingParams(temperature=0.3, top_k=5, max_tokens=30, seed=i)
+              for i in range(len(tree_workload()))]
+    assert run(llm, tree_workload(), seeded) == run(make(), tree_workload(), seeded)
+    stats = llm.stats()
+    print(f"trees: {sum(trees)} verified, {stats['spec_accepted_tokens']} of "
+          f"{stats['spec_draft_tokens']} drafts accepted, {stats['spec_recomputed_tokens']} "
+          f"recomputed")
+    assert sum(trees) > 10 and stats["spec_accepted_tokens"] > 20
+    assert stats["spec_recomputed_tokens"] > 0
+
+
+def test_tree_drafts_need_full_attention(tmp_path):
+    from tiny_checkpoints import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path, "mistral", vocab_size=VOCAB)  # sliding window
+    with pytest.raises(ValueError, match="tree drafts.*sliding-window"):
+        ember.LLM(str(tmp_path), num_kv_blocks=8, speculative=TREE_SPEC)
+    assert ember.LLM(str(tmp_path), num_kv_blocks=8, speculative=SPEC).proposer is not None
 
 
 def test_stops_inside_accepted_drafts(make):

@@ -26,7 +26,7 @@ from ember.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
-from ember.engine.speculative import NgramProposer, accepted_prefix
+from ember.engine.speculative import NgramProposer, accepted_path
 from ember.models.loader import Checkpoint, load_model
 
 # The token id of a sequence's last position while the step that samples it is still running
@@ -55,6 +55,11 @@ class LLM:
         self.config = config = EngineConfig(model=model, **engine_args)
         checkpoint = Checkpoint(model)
         self.model_config = mc = checkpoint.config
+        spec = config.speculative
+        if spec is not None and spec.num_candidates > 1 and any(mc.layer_windows):
+            raise ValueError("speculative num_candidates > 1 (tree drafts) needs a model "
+                             "without sliding-window attention: a draft node's window would "
+                             "be counted in cache slots, not in its tree position")
         self.tokenizer = checkpoint.tokenizer()
         self.eos_token_ids = list(mc.eos_token_ids)
         if not self.eos_token_ids and getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -89,6 +94,7 @@ class LLM:
         self.proposer = NgramProposer(config.speculative) if config.speculative else None
         self.num_draft_tokens = 0  # drafts verified so far, and how many were accepted
         self.num_accepted_tokens = 0
+        self.num_recomputed_tokens = 0  # accepted off the first chain: computed again
 
     def _requested_max_model_len(self) -> int:
         config, context = self.config, self.model_config.max_position_embeddings
@@ -231,7 +237,8 @@ class LLM:
             return
         for seq in self.scheduler.running:
             decoding = seq.num_computed_tokens == len(seq) - 1
-            seq.draft_token_ids = self.proposer.propose(seq) if decoding else []
+            seq.draft_token_ids, seq.draft_parents = (self.proposer.propose(seq) if decoding
+                                                      else ([], []))
 
     def _launch(self, batch):
         if not batch:  # the scheduler guarantees progress; never spin silently
@@ -269,22 +276,28 @@ class LLM:
     def _finish(self, step) -> list:
         """Wait for ``step``'s tokens, append them (filling the placeholders of a step run
         ahead), detokenize and check the stop conditions. A sequence that verified draft
-        tokens gets those that equal the tokens sampled at their positions, then the first
-        sampled token after them; it stops early if one of them ends it."""
+        tokens gets the accepted path's (see speculative.py), then the token sampled at its
+        end; it stops early if one of them ends it."""
         token_lists = step.token_lists()
         now = time.perf_counter()
         advanced = []
         for seq, sampled in zip(step.seqs, token_lists, strict=True):
             if seq.is_finished:  # aborted while the step ran
                 continue
-            drafts, seq.draft_token_ids = seq.draft_token_ids[:len(sampled) - 1], []
-            accepted = accepted_prefix(drafts, sampled)
+            drafts, parents = seq.draft_token_ids[:len(sampled) - 1], seq.draft_parents
+            seq.draft_token_ids, seq.draft_parents = [], []
+            path = accepted_path(drafts, parents[:len(drafts)], sampled)
             self.num_draft_tokens += len(drafts)
-            self.num_accepted_tokens += accepted
+            self.num_accepted_tokens += len(path)
+            # The path's K/V are in place as far as it follows nodes 0, 1, 2, ...; the rest is
+            # computed again by the next step.
+            in_place = next((j for j, node in enumerate(path) if node != j), len(path))
+            self.num_recomputed_tokens += len(path) - in_place
             metrics = self._requests[seq.request_id][1]
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
-            for token in sampled[:accepted + 1]:
+            emitted = [drafts[node] for node in path] + [sampled[path[-1] + 1 if path else 0]]
+            for token in emitted:
                 if seq.token_ids[-1] == PENDING_TOKEN:
                     seq.token_ids[-1] = token
                 else:
@@ -295,8 +308,8 @@ class LLM:
             if seq.is_finished:
                 metrics.finished_time = now
                 del self._requests[seq.request_id]
-            elif accepted:
-                self.scheduler.accept_drafts(seq, accepted)
+            elif in_place:
+                self.scheduler.accept_drafts(seq, in_place)
             advanced.append((seq, metrics))
         return advanced
 
@@ -431,6 +444,7 @@ class LLM:
             "spec_draft_tokens": self.num_draft_tokens,
             "spec_accepted_tokens": self.num_accepted_tokens,
             "spec_acceptance_rate": self.num_accepted_tokens / max(self.num_draft_tokens, 1),
+            "spec_recomputed_tokens": self.num_recomputed_tokens,
         }
 
 

@@ -21,6 +21,7 @@ from ember.engine.sampler import Sampler
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import ScheduledBatch
 from ember.engine.sequence import Sequence
+from ember.engine.speculative import is_chain, tree_attention_mask, tree_depths
 from ember.models.attention import AttentionMetadata
 
 
@@ -124,12 +125,32 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
     samples = np.clip(n_arr - last, 0, None)
     sampling = np.flatnonzero(samples)
     per_seq = samples[sampling]
-    ahead = np.arange(int(per_seq.sum())) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    first_sample = np.cumsum(per_seq) - per_seq
+    offset = np.arange(int(per_seq.sum())) - np.repeat(first_sample, per_seq)
+    logits_rows = np.repeat(first_row[sampling] + last[sampling], per_seq) + offset
+    # A chain of drafts sits at consecutive positions and samples consecutive output tokens.
+    # A tree's nodes keep their rows' cache slots (slot_mapping above), but their rotary
+    # positions and output tokens are their depths, and each sees only its ancestors.
+    ahead = offset
+    if batch.num_draft_tokens:
+        positions, ahead = positions.copy(), offset.copy()
+        meta.chunk_tree_masks = [None] * (len(seqs) - nd)
+        for i in range(nd, len(seqs)):
+            drafts = batch.drafts_of(i)
+            parents = seqs[i].draft_parents[:drafts]
+            if drafts == 0 or is_chain(parents):
+                continue
+            depth = np.asarray(tree_depths(parents), dtype=np.int64)
+            draft_rows = first_row[i] + counts[i] - drafts + np.arange(drafts)
+            positions[draft_rows] = lengths[i] - 1 + depth
+            first = first_sample[np.searchsorted(sampling, i)]
+            ahead[first + 1:first + 1 + drafts] = depth
+            meta.chunk_tree_masks[i - nd] = to_dev(tree_attention_mask(parents))
     return StepInputs(
         input_ids=to_dev(np.asarray(ids, dtype=np.int64)) if input_ids is None else input_ids,
         positions=to_dev(positions),
         meta=meta,
-        logits_rows=to_dev(np.repeat(first_row[sampling] + last[sampling], per_seq) + ahead),
+        logits_rows=to_dev(logits_rows),
         sampling_seqs=[seqs[i] for i in sampling],
         rows_per_seq=per_seq.tolist(),
         sample_seqs=[seqs[i] for i in np.repeat(sampling, per_seq)],

@@ -137,7 +137,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        seq.draft_token_ids = []
+        seq.draft_token_ids, seq.draft_parents = [], []
         self.block_manager.free_sequence(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

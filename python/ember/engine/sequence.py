@@ -33,9 +33,11 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list = []
         self.num_computed_tokens = 0
-        # Speculative decoding: tokens proposed to follow token_ids, verified by the next step
-        # (never part of token_ids, the prefix cache or a recompute).
+        # Speculative decoding: draft tokens proposed to follow token_ids, verified by the next
+        # step (never part of token_ids, the prefix cache or a recompute), and each one's
+        # parent draft (-1: the last token; a chain is -1, 0, 1, ...).
         self.draft_token_ids: list = []
+        self.draft_parents: list = []
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None  # "stop", "length" or "abort"

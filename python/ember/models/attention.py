@@ -10,7 +10,9 @@ to itself):
   the rotary table (Flash-Decoding; on CUDA one kernel rotates, stores and attends; the call
   CUDA graphs capture);
 - the chunks through ``rotary_embedding_and_store_kvcache`` at the slots ``slot_mapping``
-  computed for the step on the host, then one ``flash_attn_with_kvcache`` call per chunk.
+  computed for the step on the host, then one ``flash_attn_with_kvcache`` call per chunk
+  (with a tree mask for a tree of speculative drafts, whose rows' positions are their depths
+  while their slots follow the row order).
 """
 
 from dataclasses import dataclass, field
@@ -33,6 +35,9 @@ class AttentionMetadata:
     chunks: per prompt chunk, host ints ``(first row, num_tokens, keys it attends to)``; the
         keys are the sequence's tokens up to and including the chunk's last.
     chunk_block_table: int32 ``[num_chunks, max_blocks]``.
+    chunk_tree_masks: per chunk, None (causal) or bool ``[num_tokens, num_tokens]``: the rows
+        a chunk row sees among the chunk's (a tree of speculative draft tokens: its ancestors
+        and itself), besides everything cached before the chunk.
     """
 
     slot_mapping: torch.Tensor | None = None
@@ -41,6 +46,7 @@ class AttentionMetadata:
     decode_block_table: torch.Tensor | None = None
     chunks: list = field(default_factory=list)
     chunk_block_table: torch.Tensor | None = None
+    chunk_tree_masks: list = field(default_factory=list)
 
 
 def paged_attention(positions, q, k, v, k_cache, v_cache, cos_sin_cache, meta: AttentionMetadata,
@@ -73,8 +79,12 @@ def paged_attention(positions, q, k, v, k_cache, v_cache, cos_sin_cache, meta: A
             positions[nd:], q[nd:], k[nd:], v[nd:], cos_sin_cache, k_cache, v_cache,
             meta.slot_mapping[nd:], is_neox=True, backend=backend)
         for i, (start, length, keys) in enumerate(meta.chunks):
+            tree = meta.chunk_tree_masks[i] if meta.chunk_tree_masks else None
+            # A tree mask replaces the causal one (each node sees its ancestors: earlier rows).
+            args = common if tree is None else {**common, "causal": False,
+                                                "tree_mask": tree[None]}
             out = ops.flash_attn_with_kvcache(
                 q_chunks[None, start - nd:start - nd + length], k_cache, v_cache,
-                cache_seqlens=keys, block_table=meta.chunk_block_table[i:i + 1], **common)
+                cache_seqlens=keys, block_table=meta.chunk_block_table[i:i + 1], **args)
             parts.append(out[0])
     return parts[0] if len(parts) == 1 else torch.cat(parts)
