@@ -6,9 +6,9 @@
   (``frac_of_roofline``). Bars: >= 70% of it for the 1B and 8B shapes, >= 1,000 tok/s on
   SmolLM2.
 - ``decode_speculative``: SmolLM2 (its GGUF) on one chat request that asks for a passage to be
-  copied, greedy, 256 new tokens: tok/s with prompt-lookup speculative decoding (4 n-gram
-  drafts per step) against the same engine without it, with the drafts accepted and the
-  steps taken. Steps that verify drafts run eagerly (no CUDA graph).
+  copied, greedy, 256 new tokens: tok/s with speculative decoding (4 n-gram drafts per step;
+  4 drafts of an int4 copy of the model) against the same engine without it, with the drafts
+  accepted and the steps taken. Steps that verify drafts run eagerly (no CUDA graph).
 - ``throughput``: 256 requests, prompt and output lengths uniform in 100..1024, EOS ignored,
   temperature 1, on the 1B shape, all submitted at once; time per output token. transformers
   runs static batches of 64 (left-padded, each batch as long as its longest output; only the
@@ -197,7 +197,10 @@ def _speculative(ctx, output_len):
         ctx.note("decode_speculative skipped: SmolLM2's weights need the gguf package")
         return
     results = {}
-    for name, spec in (("ember", None), ("ember-ngram", SPEC_SETTINGS)):
+    int4_draft = {"method": "draft_model", "quantization": "int4",
+                  "num_speculative_tokens": SPEC_SETTINGS["num_speculative_tokens"]}
+    for name, spec in (("ember", None), ("ember-ngram", SPEC_SETTINGS),
+                       ("ember-int4-draft", int4_draft)):
         _free_gpu()
         llm = ember.LLM("smollm2-135m", dtype="bfloat16", speculative=spec)
         prompt = llm.apply_chat_template([{"role": "user", "content": (

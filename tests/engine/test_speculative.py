@@ -327,3 +327,63 @@ def test_speculation_on_the_gpu(tmp_path, tiny_llama):
     assert [len(o) for o in outs] == [30] * len(prompts)  # (the tiny model has no EOS)
     assert graphs.stats()["spec_accepted_tokens"] > 0
     assert graphs.block_manager.num_free_blocks == 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Draft models
+# ----------------------------------------------------------------------------------------------
+
+def draft_spec(**kwargs):
+    return {"method": "draft_model", "num_speculative_tokens": 4, **kwargs}
+
+
+def test_self_draft_is_always_accepted(make):
+    """The target drafting for itself in float32 proposes its own greedy tokens: all of them
+    are accepted, which holds only if the draft cache follows every sequence exactly (its
+    catch-up after each step, accepted drafts kept, preemption)."""
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    want = run(make(), workload(), params)
+    llm = make(speculative=draft_spec(), num_kv_blocks=10, max_model_len=160)
+    assert run(llm, workload(), params) == want
+    stats = llm.stats()
+    assert stats["num_preemptions"] > 0
+    assert stats["spec_draft_tokens"] > 100
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"]
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_self_draft_gives_the_same_tokens(make, quantization):
+    greedy = SamplingParams(temperature=0.0, max_tokens=30)
+    seeded = [SamplingParams(temperature=0.3, top_k=5, max_tokens=30, seed=i)
+              for i in range(len(workload()))]
+    llm = make(speculative=draft_spec(quantization=quantization))
+    for params in (greedy, seeded):
+        assert run(llm, workload(), params) == run(make(), workload(), params)
+    assert llm.stats()["spec_accepted_tokens"] > 0
+
+
+def test_another_model_drafts(make, tmp_path):
+    from tiny_checkpoints import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path / "draft", "llama", vocab_size=VOCAB, seed=99,
+                         num_hidden_layers=1)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    llm = make(speculative=draft_spec(model=str(tmp_path / "draft")))
+    assert run(llm, workload(), params) == run(make(), workload(), params)
+    assert llm.stats()["spec_draft_tokens"] > 0
+    save_tiny_checkpoint(tmp_path / "other-vocab", "llama", vocab_size=VOCAB + 1)
+    with pytest.raises(ValueError, match="draft model's vocabulary .301 tokens. is not"):
+        make(speculative=draft_spec(model=str(tmp_path / "other-vocab")))
+    with pytest.raises(ValueError, match="num_candidates > 1 .trees. is for method 'ngram'"):
+        make(speculative=draft_spec(num_candidates=2))
+    with pytest.raises(ValueError, match="speculative quantization must be"):
+        make(speculative=draft_spec(quantization="int2"))
+
+
+def test_the_draft_cache_shares_the_kv_budget(tiny_llama):
+    """On CPU the cache gets kv_cache_memory_cpu bytes: a same-size draft model's cache takes
+    half of each block."""
+    plain = ember.LLM(str(tiny_llama[0]), kv_cache_memory_cpu=1 << 20)
+    drafted = ember.LLM(str(tiny_llama[0]), kv_cache_memory_cpu=1 << 20,
+                        speculative=draft_spec())
+    assert drafted.block_manager.num_blocks == plain.block_manager.num_blocks // 2

@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 from ember.engine.block_manager import BlockManager
 from ember.engine.config import EngineConfig
 from ember.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from ember.engine.model_runner import ModelRunner, count_kv_blocks, kv_block_bytes
+from ember.engine.draft_model import DraftModelProposer
+from ember.engine.model_runner import (
+    ModelRunner,
+    allocate_kv_cache,
+    count_kv_blocks,
+    kv_block_bytes,
+)
 from ember.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
@@ -66,11 +72,25 @@ class LLM:
             self.eos_token_ids = [self.tokenizer.eos_token_id]
 
         max_len = self._requested_max_model_len()
-        self.model = load_model(checkpoint, dtype=config.torch_dtype(mc.torch_dtype),
-                                device=config.device, max_positions=max_len,
-                                backend=config.kernel_backend, load_format=config.load_format,
+        dtype = config.torch_dtype(mc.torch_dtype)
+        self.model = load_model(checkpoint, dtype=dtype, device=config.device,
+                                max_positions=max_len, backend=config.kernel_backend,
+                                load_format=config.load_format,
                                 quantization=config.quantization)
-        num_blocks = count_kv_blocks(config, self.model, max_len)
+        draft_model = None
+        if spec is not None and spec.method == "draft_model":
+            draft_checkpoint = checkpoint if spec.model is None else Checkpoint(spec.model)
+            draft_vocab = draft_checkpoint.config.vocab_size
+            if draft_vocab != mc.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft_vocab} tokens) is not "
+                                 f"the target's ({mc.vocab_size})")
+            draft_model = load_model(draft_checkpoint, dtype=dtype, device=config.device,
+                                     max_positions=max_len, backend=config.kernel_backend,
+                                     load_format=config.load_format,
+                                     quantization=spec.quantization)
+        # The draft model's KV cache shares the target's block tables: a block holds both.
+        num_blocks = count_kv_blocks(config, self.model, max_len, extra_block_bytes=(
+            kv_block_bytes(draft_model, config.block_size) if draft_model else 0))
         capacity = num_blocks * config.block_size
         if capacity < max_len:
             if config.max_model_len is not None or capacity < config.block_size:
@@ -91,7 +111,13 @@ class LLM:
         self._seed_rng = random.Random(config.seed)
         self._next_id = 0
         self._in_flight = None  # a launched step whose tokens are not read yet (StepOutput)
-        self.proposer = NgramProposer(config.speculative) if config.speculative else None
+        self.proposer = None
+        if draft_model is not None:
+            self.proposer = DraftModelProposer(
+                spec, draft_model, allocate_kv_cache(draft_model, num_blocks, config.block_size,
+                                                     config.device), config.block_size)
+        elif spec is not None:
+            self.proposer = NgramProposer(spec)
         self.num_draft_tokens = 0  # drafts verified so far, and how many were accepted
         self.num_accepted_tokens = 0
         self.num_recomputed_tokens = 0  # accepted off the first chain: computed again
@@ -244,6 +270,8 @@ class LLM:
         if not batch:  # the scheduler guarantees progress; never spin silently
             raise RuntimeError(f"the scheduler found nothing to run for "
                                f"{len(self._requests)} unfinished requests")
+        if self.proposer is not None:
+            self.proposer.fill(batch)
         step = self.runner.launch(batch)
         self.scheduler.complete(batch)
         return step
@@ -293,6 +321,8 @@ class LLM:
             # computed again by the next step.
             in_place = next((j for j, node in enumerate(path) if node != j), len(path))
             self.num_recomputed_tokens += len(path) - in_place
+            if drafts:
+                self.proposer.verified(seq, in_place)
             metrics = self._requests[seq.request_id][1]
             if metrics.first_token_time is None:
                 metrics.first_token_time = now

@@ -157,13 +157,15 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
         sample_ahead=ahead.tolist() if len(ahead) > len(sampling) else None)
 
 
-def count_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
+def count_kv_blocks(config: EngineConfig, model, max_model_len: int,
+                    extra_block_bytes: int = 0) -> int:
     """How many KV blocks fit: ``num_kv_blocks`` if given; on CPU ``kv_cache_memory_cpu``
-    bytes; on a GPU what ``gpu_memory_utilization`` leaves after the weights and the peak
-    activations of a full step, measured by running one."""
+    bytes; on a GPU what ``gpu_memory_utilization`` leaves after the weights (every model
+    already loaded) and the peak activations of a full step, measured by running one.
+    ``extra_block_bytes``: more bytes per block (a draft model's cache)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    block_bytes = kv_block_bytes(model, config.block_size)
+    block_bytes = kv_block_bytes(model, config.block_size) + extra_block_bytes
     if config.device.type == "cpu":
         return config.kv_cache_memory_cpu // block_bytes
     torch.cuda.synchronize()

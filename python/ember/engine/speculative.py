@@ -36,19 +36,24 @@ import numpy as np
 
 from ember.engine.sequence import Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 
 
 @dataclass
 class SpeculativeConfig:
     """vLLM's ``speculative_config`` names.
 
-    method: "ngram" (prompt lookup; no draft model).
+    method: "ngram" (prompt lookup) or "draft_model" (greedy drafts of a smaller or quantized
+        model: ``draft_model.py``).
     num_speculative_tokens: most draft tokens per sequence and step.
     prompt_lookup_max, prompt_lookup_min: the longest and shortest suffix (in tokens) looked
         up in the sequence's earlier tokens; longer suffixes are tried first.
     num_candidates: continuations of that many latest occurrences of the suffix, merged into a
         tree of draft tokens (1: a chain, the latest occurrence's). Ours, not vLLM's.
+    model: draft_model's checkpoint (a path or alias, with the target's vocabulary); None: the
+        target's own, a self-draft.
+    quantization: None, "int8" or "int4" for the draft model ("int4" with model None: an int4
+        copy of the target drafts for it).
     """
 
     method: str = "ngram"
@@ -56,6 +61,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     num_candidates: int = 1
+    model: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,6 +73,12 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"speculative {name} must be a positive int, got {value!r}")
+        if self.method == "draft_model" and self.num_candidates != 1:
+            raise ValueError("speculative num_candidates > 1 (trees) is for method 'ngram'; a "
+                             "draft model proposes a chain")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"speculative quantization must be None, 'int8' or 'int4', got "
+                             f"{self.quantization!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative prompt_lookup_min ({self.prompt_lookup_min}) must be "
                              f"<= prompt_lookup_max ({self.prompt_lookup_max})")
@@ -183,7 +196,23 @@ def tree_attention_mask(parents: list) -> np.ndarray:
     return mask
 
 
-class NgramProposer:
+class Proposer:
+    """Draft tokens for the engine (see llm.py): ``propose`` before each step's scheduling,
+    ``fill`` once the step's draft counts are known, ``verified`` after the step."""
+
+    def propose(self, seq: Sequence) -> tuple:
+        """``(tokens, parents)`` of the drafts that ``seq``, about to decode, wants verified."""
+        raise NotImplementedError
+
+    def fill(self, batch) -> None:
+        """Complete the drafts of the sequences of a scheduled batch (draft models compute them
+        here, where their cache slots exist)."""
+
+    def verified(self, seq: Sequence, accepted: int) -> None:
+        """``seq``'s step accepted its first ``accepted`` drafts, which are now its tokens."""
+
+
+class NgramProposer(Proposer):
     def __init__(self, config: SpeculativeConfig):
         self.config = config
         # One index per sequence, dropped with the sequence (its tokens only grow: appended
