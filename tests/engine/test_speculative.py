@@ -321,6 +321,14 @@ def test_speculation_on_the_gpu(tmp_path, tiny_llama):
         assert run(spec, prompts, params) == run(plain, prompts, params)
     assert spec.stats()["spec_accepted_tokens"] > 20
     del plain, spec
+    # A float32 self-draft on the GPU: its own cache, filled between scheduling and launch.
+    drafted = ember.LLM(str(tiny_llama[0]), dtype="float32", enforce_eager=True,
+                        speculative=draft_spec(), **args)
+    plain = ember.LLM(str(tiny_llama[0]), dtype="float32", enforce_eager=True, **args)
+    assert run(drafted, prompts, greedy) == run(plain, prompts, greedy)
+    stats = drafted.stats()
+    assert stats["spec_accepted_tokens"] >= 0.9 * stats["spec_draft_tokens"] > 0
+    del drafted, plain
     graphs = ember.LLM(str(tiny_llama[0]), dtype="bfloat16", speculative=SPEC, **args)
     assert graphs.stats()["cuda_graph_batch_sizes"]
     outs = run(graphs, prompts, greedy)
