@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import anchors, attention, decode, harness, moe, report, store_kvcache
+from bench import anchors, attention, decode, harness, moe, quant, report, store_kvcache
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -247,6 +247,32 @@ def test_moe_suite_plumbing_on_cpu(tiny_suites, monkeypatch):
     # torch._grouped_mm has no CPU kernel: error rows and notes, never a crash.
     assert all("error" in r for (_, p), r in rows.items() if p == "torch-grouped-mm") or all(
         r["check"] < moe.CHECK_TOLERANCE for (_, p), r in rows.items() if p == "torch-grouped-mm")
+
+
+def test_quant_suite_plumbing_on_cpu(tiny_suites, monkeypatch):
+    monkeypatch.setattr(quant, "SHAPES", ((64, 256),))
+    monkeypatch.setattr(quant, "ROWS", (1, 5))
+    monkeypatch.setattr(quant, "ember_backends",
+                        lambda op, wanted: harness.ember_backends(op, wanted=("torch",)))
+    ctx = harness.Context("quant", roofline={"copy_tbps": 3.0, "matmul_bf16_tflops": 700.0},
+                          timer=_one_ms)
+    quant.run(ctx)
+    rows = {(r["m"], r["provider"]): r for r in ctx.rows}
+    for m in (1, 5):
+        for name, method in (("ember-torch-int8", "int8"), ("ember-torch-int4", "int4"),
+                             ("cublas-bf16", "bf16")):
+            r = rows[m, name]
+            assert r["weights"] == method and r["check"] < quant.CHECK_TOLERANCE
+            # int8: codes + float32 scale per row; int4: half-byte codes + scale and zero per
+            # group of 128; bf16: 2 bytes a weight; plus x and the output in bf16.
+            weight = {"int8": 64 * 256 + 4 * 64, "int4": 64 * 128 + 5 * 64 * 2,
+                      "bf16": 2 * 64 * 256}[method]
+            assert r["tbps"] == pytest.approx((weight + 2 * m * 256 + 2 * m * 64) / 1e9,
+                                              rel=1e-4)
+            assert r["tflops"] == pytest.approx(2 * m * 64 * 256 / 1e9, rel=1e-4)
+    # tinygemm's packing has no CPU kernel: skipped with a note (or checked), never a crash.
+    assert ((1, "torch-tinygemm-int4") not in rows and any("tinygemm" in n for n in ctx.notes)
+            or rows[1, "torch-tinygemm-int4"]["check"] < quant.CHECK_TOLERANCE)
 
 
 def test_unreadable_results_are_set_aside(tmp_path):
