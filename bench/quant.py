@@ -79,7 +79,9 @@ def _providers(backends, tinygemm: bool):
 def _case(ctx, backends, m, n, k):
     from ember.ops import reference
 
-    rot = harness.Rotation(lambda: _make_inputs(m, n, k))
+    # A copy holds about 4 n k bytes (int8, int4, bf16 and tinygemm weights), of which the
+    # int4 weight is an eighth: 16 L2s of copies keep every provider's own bytes past 2 L2s.
+    rot = harness.Rotation(lambda: _make_inputs(m, n, k), min_bytes=16 * harness.l2_cache_bytes())
     x, qweight, scale, packed, scales, zeros, w_t, tiny = rot.inputs[0]
     providers = _providers(backends, tinygemm=tiny is not None)
     if tiny is None:
