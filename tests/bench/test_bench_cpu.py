@@ -225,14 +225,22 @@ def test_store_kvcache_suite_plumbing_on_cpu(tiny_suites):
             assert r["check"] == "exact"
 
 
-def test_moe_suite_plumbing_on_cpu(tiny_suites, monkeypatch):
-    for name, value in dict(HIDDEN=32, INTER=48, TOKENS=(3, 20)).items():
-        monkeypatch.setattr(moe, name, value)
-    monkeypatch.setattr(moe, "ember_backends",
+def run_on_cpu(module, monkeypatch, **sizes):
+    """Run a GEMM suite (one with ``ember_backends(op, wanted)``) at ``sizes`` on the torch
+    backend with the stand-in timer; returns its context."""
+    for name, value in sizes.items():
+        monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(module, "ember_backends",
                         lambda op, wanted: harness.ember_backends(op, wanted=("torch",)))
-    ctx = harness.Context("moe", roofline={"copy_tbps": 3.0, "matmul_bf16_tflops": 700.0},
+    ctx = harness.Context(module.__name__.rpartition(".")[2],
+                          roofline={"copy_tbps": 3.0, "matmul_bf16_tflops": 700.0},
                           timer=_one_ms)
-    moe.run(ctx)
+    module.run(ctx)
+    return ctx
+
+
+def test_moe_suite_plumbing_on_cpu(tiny_suites, monkeypatch):
+    ctx = run_on_cpu(moe, monkeypatch, HIDDEN=32, INTER=48, TOKENS=(3, 20))
     rows = {(r["tokens"], r["provider"]): r for r in ctx.rows}
     assert {p for _, p in rows} == {"ember-torch", "torch-grouped-mm", "torch-loop"}
     for tokens in (3, 20):
@@ -250,13 +258,7 @@ def test_moe_suite_plumbing_on_cpu(tiny_suites, monkeypatch):
 
 
 def test_quant_suite_plumbing_on_cpu(tiny_suites, monkeypatch):
-    monkeypatch.setattr(quant, "SHAPES", ((64, 256),))
-    monkeypatch.setattr(quant, "ROWS", (1, 5))
-    monkeypatch.setattr(quant, "ember_backends",
-                        lambda op, wanted: harness.ember_backends(op, wanted=("torch",)))
-    ctx = harness.Context("quant", roofline={"copy_tbps": 3.0, "matmul_bf16_tflops": 700.0},
-                          timer=_one_ms)
-    quant.run(ctx)
+    ctx = run_on_cpu(quant, monkeypatch, SHAPES=((64, 256),), ROWS=(1, 5))
     rows = {(r["m"], r["provider"]): r for r in ctx.rows}
     for m in (1, 5):
         for name, method in (("ember-torch-int8", "int8"), ("ember-torch-int4", "int4"),
