@@ -17,10 +17,9 @@ import weakref
 import numpy as np
 import torch
 
-from ember.engine.block_manager import block_tables, slot_mapping
+from ember.engine.model_runner import flat_layout, to_device
 from ember.engine.sequence import Sequence
 from ember.engine.speculative import Proposer, SpeculativeConfig
-from ember.models.attention import AttentionMetadata
 
 
 class DraftModelProposer(Proposer):
@@ -51,8 +50,10 @@ class DraftModelProposer(Proposer):
             return
         # Step 0: every token the draft cache lacks, through the last one; its logits give the
         # first draft. Step j: draft j at its position, giving draft j + 1.
-        inputs = {seq: (min(self._cached(seq), len(seq) - 1), seq.token_ids[
-            min(self._cached(seq), len(seq) - 1):]) for seq, _ in jobs}
+        inputs = {}
+        for seq, _ in jobs:
+            start = min(self._cached(seq), len(seq) - 1)
+            inputs[seq] = (start, seq.token_ids[start:])
         for step in range(max(count for _, count in jobs)):
             active = [seq for seq, count in jobs if step < count]
             tokens = self._greedy_next(active, inputs)
@@ -74,23 +75,13 @@ class DraftModelProposer(Proposer):
     def _greedy_next(self, seqs: list, inputs: dict) -> list:
         """One draft forward over each sequence's chunk ``inputs[seq] = (first position,
         tokens)``: the greedy next token after each chunk."""
-        starts = np.asarray([inputs[s][0] for s in seqs], dtype=np.int64)
-        counts = np.asarray([len(inputs[s][1]) for s in seqs], dtype=np.int64)
-        first_row = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rows = np.repeat(np.arange(len(seqs)), counts)
-        positions = np.arange(int(counts.sum())) - first_row[rows] + starts[rows]
-        tables = block_tables(seqs)
         device = self.model.embed_tokens.weight.device
-
-        def to_dev(array):
-            return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
-
-        meta = AttentionMetadata(
-            slot_mapping=to_dev(slot_mapping(tables, rows, positions, self.block_size)),
-            chunks=[(int(first_row[i]), int(counts[i]), int(starts[i] + counts[i]))
-                    for i in range(len(seqs))],
-            chunk_block_table=to_dev(tables))
-        ids = to_dev(np.concatenate([np.asarray(inputs[s][1], dtype=np.int64) for s in seqs]))
-        hidden = self.model(ids, to_dev(positions), meta, self.kv_caches)
-        logits = self.model.compute_logits(hidden[to_dev(first_row + counts - 1)])
-        return logits.float().argmax(dim=-1).tolist()
+        starts = [inputs[s][0] for s in seqs]
+        counts = [len(inputs[s][1]) for s in seqs]
+        first_row, positions, meta = flat_layout(seqs, starts, counts, 0, self.block_size,
+                                                 device)
+        ids = to_device(np.concatenate([np.asarray(inputs[s][1], dtype=np.int64)
+                                        for s in seqs]), device)
+        hidden = self.model(ids, to_device(positions, device), meta, self.kv_caches)
+        last_rows = to_device(first_row + np.asarray(counts) - 1, device)
+        return self.model.compute_logits(hidden[last_rows]).float().argmax(dim=-1).tolist()

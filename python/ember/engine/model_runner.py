@@ -85,6 +85,36 @@ def allocate_kv_cache(model, num_blocks: int, block_size: int, device) -> list:
              torch.empty(shape, dtype=dtype, device=device)) for _ in range(c.num_layers)]
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``, copied without waiting for the device."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+
+
+def flat_layout(seqs: list, starts: list, counts: list, num_decodes: int, block_size: int,
+                device: torch.device) -> tuple:
+    """``(first_row, positions, meta)`` of a flat batch where ``seqs[i]`` computes ``counts[i]``
+    tokens from position ``starts[i]`` (the first ``num_decodes`` one each): each sequence's
+    first row, every row's position (numpy) and the AttentionMetadata (on ``device``)."""
+    n_arr = np.asarray(counts, dtype=np.int64)
+    first_row = np.concatenate([[0], np.cumsum(n_arr)[:-1]]).astype(np.int64)
+    rows = np.repeat(np.arange(len(seqs)), n_arr)
+    positions = (np.arange(int(n_arr.sum()), dtype=np.int64) - first_row[rows]
+                 + np.asarray(starts, dtype=np.int64)[rows])
+    tables = block_tables(seqs)
+    nd = num_decodes
+    meta = AttentionMetadata(
+        slot_mapping=to_device(slot_mapping(tables, rows, positions, block_size), device),
+        num_decodes=nd)
+    if nd:
+        meta.decode_cache_seqlens = to_device(np.asarray(starts[:nd], dtype=np.int32), device)
+        meta.decode_block_table = to_device(tables[:nd], device)
+    if nd < len(seqs):
+        meta.chunks = [(int(first_row[i]), int(counts[i]), int(starts[i] + counts[i]))
+                       for i in range(nd, len(seqs))]
+        meta.chunk_block_table = to_device(tables[nd:], device)
+    return first_row, positions, meta
+
+
 def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
                    input_ids: torch.Tensor | None = None) -> StepInputs:
     """The flat tensors of a scheduled batch (see AttentionMetadata); ``input_ids`` (on the
@@ -96,28 +126,9 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
         for seq, start, n in zip(seqs, starts, counts, strict=True):
             known = seq.token_ids[start:start + n]
             ids += known if len(known) == n else known + seq.draft_token_ids[:n - len(known)]
-    n_arr = np.asarray(counts, dtype=np.int64)
-    first_row = np.concatenate([[0], np.cumsum(n_arr)[:-1]]).astype(np.int64)
-    rows = np.repeat(np.arange(len(seqs)), n_arr)
-    positions = (np.arange(int(n_arr.sum()), dtype=np.int64) - first_row[rows]
-                 + np.asarray(starts, dtype=np.int64)[rows])
-    tables = block_tables(seqs)
-
-    def to_dev(array):
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
-
     nd = batch.num_decodes
-    meta = AttentionMetadata(slot_mapping=to_dev(slot_mapping(tables, rows, positions,
-                                                              block_size)),
-                             num_decodes=nd)
-    if nd:
-        meta.decode_cache_seqlens = to_dev(np.asarray(starts[:nd], dtype=np.int32))
-        meta.decode_block_table = to_dev(tables[:nd])
-    if nd < len(seqs):
-        meta.chunks = [(int(first_row[i]), counts[i], starts[i] + counts[i])
-                       for i in range(nd, len(seqs))]
-        meta.chunk_block_table = to_dev(tables[nd:])
-
+    first_row, positions, meta = flat_layout(seqs, starts, counts, nd, block_size, device)
+    n_arr = np.asarray(counts, dtype=np.int64)
     # A sequence samples when this step computes its last known token, and at each of the
     # draft tokens it computes after it (speculative verification).
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
@@ -145,12 +156,14 @@ def prepare_inputs(batch: ScheduledBatch, block_size: int, device: torch.device,
             positions[draft_rows] = lengths[i] - 1 + depth
             first = first_sample[np.searchsorted(sampling, i)]
             ahead[first + 1:first + 1 + drafts] = depth
-            meta.chunk_tree_masks[i - nd] = to_dev(tree_attention_mask(parents))
+            meta.chunk_tree_masks[i - nd] = to_device(tree_attention_mask(parents), device)
+    if input_ids is None:
+        input_ids = to_device(np.asarray(ids, dtype=np.int64), device)
     return StepInputs(
-        input_ids=to_dev(np.asarray(ids, dtype=np.int64)) if input_ids is None else input_ids,
-        positions=to_dev(positions),
+        input_ids=input_ids,
+        positions=to_device(positions, device),
         meta=meta,
-        logits_rows=to_dev(logits_rows),
+        logits_rows=to_device(logits_rows, device),
         sampling_seqs=[seqs[i] for i in sampling],
         rows_per_seq=per_seq.tolist(),
         sample_seqs=[seqs[i] for i in np.repeat(sampling, per_seq)],
