@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.engine.speculative import SpeculativeConfig
+from ember.models.llama import check_quantization
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -82,9 +83,7 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
-        if self.quantization not in (None, "int8", "int4"):
-            raise ValueError(f"quantization must be None, 'int8' or 'int4', got "
-                             f"{self.quantization!r}")
+        check_quantization("quantization", self.quantization)
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.kernel_backend not in ("auto", "cuda", "triton", "torch"):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ember.engine.sequence import Sequence
+from ember.models.llama import check_quantization
 
 METHODS = ("ngram", "draft_model")
 
@@ -76,9 +77,7 @@ class SpeculativeConfig:
         if self.method == "draft_model" and self.num_candidates != 1:
             raise ValueError("speculative num_candidates > 1 (trees) is for method 'ngram'; a "
                              "draft model proposes a chain")
-        if self.quantization not in (None, "int8", "int4"):
-            raise ValueError(f"speculative quantization must be None, 'int8' or 'int4', got "
-                             f"{self.quantization!r}")
+        check_quantization("speculative quantization", self.quantization)
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative prompt_lookup_min ({self.prompt_lookup_min}) must be "
                              f"<= prompt_lookup_max ({self.prompt_lookup_max})")

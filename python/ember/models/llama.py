@@ -29,6 +29,15 @@ STACKED_PROJECTIONS = {
 }
 # Weight-only quantization of the decoder's linear layers (LLM(quantization=...)).
 QUANTIZATION_METHODS = ("int8", "int4")
+
+
+def check_quantization(name: str, value) -> None:
+    """ValueError naming ``name`` unless ``value`` is None or one of QUANTIZATION_METHODS."""
+    if value is not None and value not in QUANTIZATION_METHODS:
+        choices = ["None", *map(repr, QUANTIZATION_METHODS)]
+        raise ValueError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got "
+                         f"{value!r}")
+
 INT4_GROUP_SIZES = (128, 64, 32)
 # Mixtral's MoE tensors: layers.{i}.block_sparse_moe.gate.weight (the router) and
 # layers.{i}.block_sparse_moe.experts.{e}.{w1,w2,w3}.weight.
@@ -237,9 +246,7 @@ class LlamaForCausalLM(nn.Module):
         """Weight-only quantization ("int8" or "int4", see ``Linear.quantize``) of every layer's
         attention and dense MLP projections; the embedding, the LM head, the norms and MoE
         experts keep the model's dtype."""
-        if method not in QUANTIZATION_METHODS:
-            raise ValueError(f"quantization must be None or one of {QUANTIZATION_METHODS}, got "
-                             f"{method!r}")
+        check_quantization("quantization", method)
         for layer in self.layers:
             for module in layer.modules():
                 if isinstance(module, Linear):
