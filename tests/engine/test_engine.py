@@ -321,6 +321,38 @@ def test_dummy_weights_load_random_model(make_llm):
     assert not torch.isnan(llm.model.embed_tokens.weight).any()
 
 
+def test_decode_steps_on_a_torch_reference_are_not_captured(monkeypatch):
+    """An op of the step on its torch reference (a host sync) keeps the engine eager: attention
+    asked for on torch, or at a head dim, dtype or block size the kernels do not take; fused_moe
+    on torch. Decided from shapes and backends alone, so asked here with the backends a GPU
+    machine resolves (cuda attention, triton or torch fused_moe)."""
+    from types import SimpleNamespace
+
+    from ember.engine.config import EngineConfig
+    from ember.engine.model_runner import decode_op_on_reference
+
+    def model(head_dim=64, dtype=torch.bfloat16, num_experts=0):
+        return SimpleNamespace(embed_tokens=torch.nn.Embedding(4, 4, dtype=dtype),
+                               config=SimpleNamespace(head_dim=head_dim, num_experts=num_experts))
+
+    def config(**kwargs):
+        return EngineConfig(model="tiny", device="cpu", **kwargs)
+
+    cuda = torch.device("cuda")
+    for moe_backend in ("triton", "torch"):
+        monkeypatch.setattr(ember.ops, "resolve_backend", lambda op, backend, device: (
+            "torch" if backend == "torch" else moe_backend if op == "fused_moe" else "cuda"))
+        assert decode_op_on_reference(model(), config(), cuda) is None
+        for unsupported in (model(head_dim=16), model(dtype=torch.float32)):
+            assert decode_op_on_reference(unsupported, config(), cuda) == "flash_attn_with_kvcache"
+        assert decode_op_on_reference(model(), config(block_size=8), cuda) == (
+            "flash_attn_with_kvcache")
+        assert decode_op_on_reference(model(), config(kernel_backend="torch"), cuda) == (
+            "flash_attn_with_kvcache")
+        assert decode_op_on_reference(model(num_experts=4), config(), cuda) == (
+            "fused_moe" if moe_backend == "torch" else None)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cuda_graphs_match_eager_on_a_random_model(tmp_path, dtype):
@@ -358,7 +390,8 @@ def test_mixtral_tokens_do_not_depend_on_chunking_preemption_or_speculation(tmp_
     tokens with small prompt chunks, a KV cache small enough to preempt, and n-gram drafts."""
     from tiny_checkpoints import save_tiny_checkpoint
 
-    save_tiny_checkpoint(tmp_path, "mixtral", vocab_size=VOCAB, seed=5)
+    # head_dim 64: the attention kernels take it, so the decode steps can be captured.
+    save_tiny_checkpoint(tmp_path, "mixtral", vocab_size=VOCAB, seed=5, head_dim=64)
     prompts = random_prompts(6, VOCAB, [9, 33, 2, 20], seed=21)
     params = SamplingParams(temperature=0.0, max_tokens=16)
     roomy = ember.LLM(str(tmp_path), num_kv_blocks=128, max_num_seqs=6)
@@ -377,7 +410,8 @@ def test_mixtral_on_the_gpu(tmp_path):
     eagerly."""
     from tiny_checkpoints import save_tiny_checkpoint
 
-    save_tiny_checkpoint(tmp_path, "mixtral", vocab_size=VOCAB, seed=5)
+    # head_dim 64: the attention kernels take it, so the decode steps can be captured.
+    save_tiny_checkpoint(tmp_path, "mixtral", vocab_size=VOCAB, seed=5, head_dim=64)
     args = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=8)
     prompts = random_prompts(8, VOCAB, [9, 33], seed=22)
     params = SamplingParams(temperature=0.0, max_tokens=8)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_checkpoints import TINY_VOCAB as VOCAB
-from tiny_checkpoints import random_prompts
+from tiny_checkpoints import random_prompts, save_tiny_checkpoint
 
 import ember
 from ember import SamplingParams
@@ -227,8 +227,6 @@ def test_tree_drafts_give_the_same_tokens(make):
 
 
 def test_tree_drafts_need_full_attention(tmp_path):
-    from tiny_checkpoints import save_tiny_checkpoint
-
     save_tiny_checkpoint(tmp_path, "mistral", vocab_size=VOCAB)  # sliding window
     with pytest.raises(ValueError, match="tree drafts.*sliding-window"):
         ember.LLM(str(tmp_path), num_kv_blocks=8, speculative=TREE_SPEC)
@@ -329,7 +327,9 @@ def test_speculation_on_the_gpu(tmp_path, tiny_llama):
     stats = drafted.stats()
     assert stats["spec_accepted_tokens"] >= 0.9 * stats["spec_draft_tokens"] > 0
     del drafted, plain
-    graphs = ember.LLM(str(tiny_llama[0]), dtype="bfloat16", speculative=SPEC, **args)
+    # CUDA graphs need a head dim the attention kernels take (the torch reference syncs).
+    save_tiny_checkpoint(tmp_path, "llama", head_dim=64)
+    graphs = ember.LLM(str(tmp_path), dtype="bfloat16", speculative=SPEC, **args)
     assert graphs.stats()["cuda_graph_batch_sizes"]
     outs = run(graphs, prompts, greedy)
     assert [len(o) for o in outs] == [30] * len(prompts)  # (the tiny model has no EOS)

@@ -23,6 +23,7 @@ from ember.engine.scheduler import ScheduledBatch
 from ember.engine.sequence import Sequence
 from ember.engine.speculative import is_chain, tree_attention_mask, tree_depths
 from ember.models.attention import AttentionMetadata
+from ember.ops.attention import kernel_unsupported
 
 
 @dataclass
@@ -216,6 +217,23 @@ def _profile_step(config: EngineConfig, model, max_model_len: int) -> None:
         model.compute_logits(hidden[:rows])
 
 
+def decode_op_on_reference(model, config: EngineConfig, device: torch.device) -> str | None:
+    """The op of a decode step that would run its torch reference on ``device``, or None.
+
+    A CUDA graph cannot capture those: they sync with the host (the KV-cache write of
+    flash_attn_with_kvcache indexes with a mask, fused_moe finds each expert's tokens on the
+    host). Attention runs on torch when asked to, or when the kernels do not take the model's
+    dtype, head dim or block size (a tiny test model's head_dim of 16, say)."""
+    backend = config.kernel_backend
+    dtype = model.embed_tokens.weight.dtype
+    if (ops.resolve_backend("flash_attn_with_kvcache", backend, device) == "torch"
+            or kernel_unsupported(dtype, model.config.head_dim, config.block_size)):
+        return "flash_attn_with_kvcache"
+    if model.config.num_experts and ops.resolve_backend("fused_moe", backend, device) == "torch":
+        return "fused_moe"
+    return None
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model, num_blocks: int, max_model_len: int,
                  eos_token_ids):
@@ -223,12 +241,8 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size = config.block_size
-        # Not for a MoE model whose fused_moe runs the torch reference: it finds each expert's
-        # tokens with a host sync, which a CUDA graph cannot capture (the Triton kernel can).
-        moe_on_reference = bool(model.config.num_experts) and self.device.type == "cuda" and (
-            ops.resolve_backend("fused_moe", config.kernel_backend, self.device) == "torch")
         use_graphs = (self.device.type == "cuda" and not config.enforce_eager
-                      and not moe_on_reference)
+                      and decode_op_on_reference(model, config, self.device) is None)
         # With CUDA graphs, one more block past those the block manager hands out: the scratch
         # block that the graphs' padding rows write their K/V into.
         self.kv_caches = allocate_kv_cache(model, num_blocks + 1 if use_graphs else num_blocks,
