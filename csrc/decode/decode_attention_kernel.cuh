@@ -113,11 +113,12 @@ struct DecodeConfig {
   // d = 128, 256 at d = 64): a 64-key fp8 tile is 8-16 KB, and the per-tile barriers and
   // softmax bookkeeping would then cost as much as its bytes. bf16 at d = 64 has the same
   // 128-byte rows as fp8 at d = 128, and 128-key tiles there measured 2399 -> 2638 GB/s at 32:8
-  // 8 x 8k and 2109 -> 2366 at 9:3 32 x 4k on an H100 (commit 716c6e7); but that head dim is
-  // the engine's (Llama-3.2-1B, SmolLM2), whose decode step with them was only measured on
-  // another machine than the 64-key code (59.7% of the roofline against 63.5% and 58.1%), so
-  // bf16 keeps 64-key tiles until an A/B on one machine. Append layout: 64-key tiles, 32 at
-  // d = 256 to keep the shared memory of two stages under the budget.
+  // 8 x 8k and 2109 -> 2366 at 9:3 32 x 4k on an H100 (commit 716c6e7), but they slow the
+  // engine's decode, which runs that head dim at a few hundred keys: A/B on one H100 (graph-timed
+  // kernel, then single-stream decode of 256 tokens after a 128-token prompt), 64 -> 128 keys:
+  // 32:8 32 x 4k paged 2608 -> 2767 GB/s, 1 x 384 paged 126 -> 120 GB/s, Llama-3.2-1B 802 ->
+  // 757 tok/s, SmolLM2 shape 1407 -> 1248 (random weights). So bf16 keeps 64-key tiles. Append
+  // layout: 64-key tiles, 32 at d = 256 to keep the shared memory of two stages under the budget.
   static constexpr int kBlockN = kWarpsM == 1 ? (kFp8 ? 64 * (256 / kHeadDim) : 64)
                                               : (kHeadDim <= 128 ? 64 : 32);
   static constexpr int kWarpKeys = kBlockN / kWarpsN;

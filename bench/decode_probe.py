@@ -1,0 +1,106 @@
+"""Probe (not a suite, not run by CI): one backend's decode kernel on bf16 and fp8 caches, and
+the engine's single-stream decode, in one short GPU call.
+
+    python -m bench.decode_probe [--backend cuda|triton] [--e2e] [OUT.json]
+
+For A/B runs of a kernel change on one machine (build, probe, change, rebuild, probe again):
+the full ``decode`` suite takes minutes, this about one. Each row is a decode shape (GQA,
+head dim, batch x cache length, contiguous or paged-16 cache) timed on bf16 and on fp8 caches:
+GB/s over the bytes the call must move (``bench.decode.decode_bytes``), the fp8 speed-up in
+time (issue 4's bar: 1.6x) and each output's relative error against the float32 reference.
+The last row is the engine's batch-1 shape: 384 cached keys. ``--e2e`` adds single-stream
+decode tok/s (``measure_latency``: a 128-token prompt, 256 new tokens, twice) of the
+Llama-3.2-1B and SmolLM2-135M shapes with random weights.
+
+Timing as in the ``decode`` suite: CUDA-graph replay of back-to-back calls of the kernel
+backend (no host-side validation), inputs rotated through copies past the L2 cache.
+"""
+
+import json
+import sys
+import tempfile
+
+import torch
+
+from bench import decode
+from bench.harness import Rotation, graph_time_ms, relative_error
+
+# (heads_q, heads_kv, head_dim, batch, cache length, paged)
+SHAPES = (
+    (32, 8, 64, 8, 8192, False), (32, 8, 64, 32, 4096, False), (32, 8, 64, 1, 131072, False),
+    (9, 3, 64, 32, 4096, False), (9, 3, 64, 1, 131072, False), (9, 3, 64, 16, 32768, False),
+    (9, 3, 128, 1, 131072, False), (9, 3, 128, 32, 4096, False),
+    (32, 8, 128, 32, 4096, False), (32, 8, 128, 1, 32768, False), (32, 8, 128, 16, 32768, False),
+    (32, 8, 128, 32, 4096, True), (32, 8, 64, 32, 4096, True), (32, 8, 64, 1, 384, True),
+)
+CACHES = (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))
+E2E_MODELS = ("llama-3.2-1b", "smollm2-135m")
+
+
+def kernel_rows(backend: str) -> list:
+    from ember.ops import _registry
+    from ember.ops.attention import _check_options
+
+    kernel = _registry.implementation(decode.OP, backend)
+    rows = []
+    for heads_q, heads_kv, head_dim, batch, length, paged in SHAPES:
+        scale, causal, left, right = _check_options(decode.OP, None, True, (-1, -1), head_dim)
+        row = {"shape": f"{heads_q}:{heads_kv} d={head_dim} {batch}x{length} "
+                        f"{'paged' if paged else 'contiguous'}"}
+        for name, cache_dtype in CACHES:
+            rotation = Rotation(lambda: decode._cache_inputs(
+                batch, 1, length, heads_q, heads_kv, head_dim, paged=paged,
+                cache_dtype=cache_dtype))
+
+            def call(q, k_cache, v_cache, seqlens, table, k_scale, v_scale):
+                return kernel(q, k_cache, v_cache, seqlens, table, scale, causal, left, right, 0,
+                              None, k_scale, v_scale)
+
+            out = call(*rotation.inputs[0])[0]
+            row[f"{name}_error"] = relative_error(out, decode._reference(*rotation.inputs[0]))
+            ms = graph_time_ms(rotation.bind(call), rep_ms=40)
+            bytes_moved = decode.decode_bytes(batch, 1, length, heads_q, heads_kv, head_dim,
+                                              cache_dtype.itemsize)
+            row[f"{name}_gb_s"] = bytes_moved / ms / 1e6
+            row[f"{name}_us"] = ms * 1e3
+            del rotation
+        row["fp8_speedup"] = row["bf16_us"] / row["fp8_us"]
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def e2e_tok_s() -> dict:
+    import ember
+    from bench.e2e.shapes import write_config_folder
+    from ember.engine.benchmark import measure_latency
+
+    out = {}
+    with tempfile.TemporaryDirectory() as root:
+        for name in E2E_MODELS:
+            llm = ember.LLM(write_config_folder(name, root), dtype="bfloat16",
+                            load_format="dummy")
+            out[name] = [measure_latency(llm)["decode_tok_s"] for _ in range(2)]
+            del llm
+            torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list) -> None:
+    backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "cuda"
+    paths = [a for a in argv if a.endswith(".json")]
+    result = {"gpu": torch.cuda.get_device_name(), "backend": backend,
+              "rows": kernel_rows(backend), "e2e": e2e_tok_s() if "--e2e" in argv else {}}
+    for r in result["rows"]:
+        print(f"{r['shape']:32s} bf16 {r['bf16_gb_s']:5.0f} GB/s  fp8 {r['fp8_gb_s']:5.0f} GB/s"
+              f"  fp8 speed-up {r['fp8_speedup']:.2f}  error {r['bf16_error']:.1e} "
+              f"{r['fp8_error']:.1e}")
+    for name, tok_s in result["e2e"].items():
+        print(f"{name}: " + ", ".join(f"{t:.1f}" for t in tok_s) + " tok/s")
+    if paths:
+        with open(paths[0], "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
