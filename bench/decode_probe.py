@@ -39,35 +39,40 @@ E2E_MODELS = ("llama-3.2-1b", "smollm2-135m")
 
 def kernel_rows(backend: str) -> list:
     from ember.ops import _registry
-    from ember.ops.attention import _check_options
 
     kernel = _registry.implementation(decode.OP, backend)
     rows = []
-    for heads_q, heads_kv, head_dim, batch, length, paged in SHAPES:
-        scale, causal, left, right = _check_options(decode.OP, None, True, (-1, -1), head_dim)
+    for shape in SHAPES:
+        heads_q, heads_kv, head_dim, batch, length, paged = shape
         row = {"shape": f"{heads_q}:{heads_kv} d={head_dim} {batch}x{length} "
                         f"{'paged' if paged else 'contiguous'}"}
         for name, cache_dtype in CACHES:
-            rotation = Rotation(lambda: decode._cache_inputs(
-                batch, 1, length, heads_q, heads_kv, head_dim, paged=paged,
-                cache_dtype=cache_dtype))
-
-            def call(q, k_cache, v_cache, seqlens, table, k_scale, v_scale):
-                return kernel(q, k_cache, v_cache, seqlens, table, scale, causal, left, right, 0,
-                              None, k_scale, v_scale)
-
-            out = call(*rotation.inputs[0])[0]
-            row[f"{name}_error"] = relative_error(out, decode._reference(*rotation.inputs[0]))
-            ms = graph_time_ms(rotation.bind(call), rep_ms=40)
-            bytes_moved = decode.decode_bytes(batch, 1, length, heads_q, heads_kv, head_dim,
-                                              cache_dtype.itemsize)
-            row[f"{name}_gb_s"] = bytes_moved / ms / 1e6
-            row[f"{name}_us"] = ms * 1e3
-            del rotation
+            us, gb_s, error = time_kernel(kernel, shape, cache_dtype)
+            row.update({f"{name}_us": us, f"{name}_gb_s": gb_s, f"{name}_error": error})
         row["fp8_speedup"] = row["bf16_us"] / row["fp8_us"]
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
+
+
+def time_kernel(kernel, shape: tuple, cache_dtype: torch.dtype) -> tuple:
+    """``(microseconds, GB/s, relative error)`` of one decode shape on one cache type."""
+    from ember.ops.attention import _check_options
+
+    heads_q, heads_kv, head_dim, batch, length, paged = shape
+    scale, causal, left, right = _check_options(decode.OP, None, True, (-1, -1), head_dim)
+    rotation = Rotation(lambda: decode._cache_inputs(
+        batch, 1, length, heads_q, heads_kv, head_dim, paged=paged, cache_dtype=cache_dtype))
+
+    def call(q, k_cache, v_cache, seqlens, table, k_scale, v_scale):
+        return kernel(q, k_cache, v_cache, seqlens, table, scale, causal, left, right, 0, None,
+                      k_scale, v_scale)
+
+    error = relative_error(call(*rotation.inputs[0])[0], decode._reference(*rotation.inputs[0]))
+    ms = graph_time_ms(rotation.bind(call), rep_ms=40)
+    bytes_moved = decode.decode_bytes(batch, 1, length, heads_q, heads_kv, head_dim,
+                                      cache_dtype.itemsize)
+    return ms * 1e3, bytes_moved / ms / 1e6, error
 
 
 def e2e_tok_s() -> dict:

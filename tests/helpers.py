@@ -4,7 +4,7 @@ The rule for attention and GEMMs is flash-attn's: a kernel's max error against a
 reference may be at most ``factor`` (2) times the error of the same computation done by torch
 in the input dtype, plus a small absolute term. Elementwise ops computed in float32 and rounded
 once (the glue ops) must agree with the reference to that one rounding:
-``assert_matches_reference``.
+``assert_matches_reference``. Also ``prefill_logits``, a prompt through ember's model alone.
 """
 
 import os
@@ -96,3 +96,23 @@ def assert_matches_reference(out, ref, name="out"):
 def assert_unchanged(inputs, originals):
     for name, tensor in inputs.items():
         assert torch.equal(tensor, originals[name]), f"the op modified its input {name}"
+
+
+def prefill_logits(model, ids: list, caches: list | None = None) -> torch.Tensor:
+    """Logits of every prompt position through ember's model, as one chunk written into
+    ``caches`` (per layer KVCaches of at least ``ceil(len(ids) / 16)`` blocks of 16; by default
+    fresh ones in the model's dtype): token t goes to slot t."""
+    from ember.engine.model_runner import allocate_kv_cache
+    from ember.models.attention import AttentionMetadata
+
+    device = model.embed_tokens.weight.device
+    blocks = -(-len(ids) // 16)
+    if caches is None:
+        caches = allocate_kv_cache(model, blocks, 16, device, model.embed_tokens.weight.dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(len(ids), device=device), chunks=[(0, len(ids), len(ids))],
+        chunk_block_table=torch.arange(blocks, dtype=torch.int32, device=device)[None])
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device),
+                       meta, caches)
+        return model.compute_logits(hidden)

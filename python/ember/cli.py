@@ -2,7 +2,7 @@
 
     ember generate "The capital of France is" [--model smollm2-135m] [--max-tokens N]
                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--chat]
-                   [--speculative-tokens K] [--quantization int8|int4]
+                   [--speculative-tokens K] [--quantization int8|int4] [--kv-cache-dtype fp8]
     ember bench latency|throughput [--model M] [--load-format dummy] ...
 
 Runs on cuda when a GPU is present, else on the CPU (``--device`` overrides).
@@ -23,6 +23,8 @@ def _engine_args(args) -> dict:
         engine["max_model_len"] = args.max_model_len
     if getattr(args, "quantization", None):
         engine["quantization"] = args.quantization
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        engine["kv_cache_dtype"] = args.kv_cache_dtype
     if getattr(args, "speculative_tokens", 0):
         engine["speculative"] = {"method": "ngram",
                                  "num_speculative_tokens": args.speculative_tokens}
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
         p.add_argument("--quantization", choices=["int8", "int4"], default=None,
                        help="weight-only quantization of the linear layers")
+        p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                       help="KV cache elements: the model's dtype, or fp8 e4m3 (half the bytes)")
         p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                        help="speculative decoding with up to K prompt-lookup (n-gram) drafts "
                             "per step (default 0: off)")

@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
+from helpers import prefill_logits
 from smollm2_files import smollm2_folder
 
 import ember
-from ember.models.attention import AttentionMetadata
 from ember.models.loader import Checkpoint, load_model
 
 PROMPTS = [
@@ -157,28 +157,18 @@ def test_cli_generate_streams_text(tiny_with_tokenizer, capsys):
     with pytest.raises(SystemExit, match="num_speculative_tokens must be a positive int"):
         cli.main(["generate", "Hello", "--model", tiny_with_tokenizer,
                   "--speculative-tokens", "-2"])
+    # An fp8 KV cache: the engine's own text with that cache.
+    fp8 = ember.LLM(tiny_with_tokenizer, num_kv_blocks=64, kv_cache_dtype="fp8")
+    want = fp8.generate("Hello", ember.SamplingParams(temperature=0, max_tokens=6),
+                        use_tqdm=False)[0].outputs[0].text
+    cli.main(["generate", "Hello", "--model", tiny_with_tokenizer, "--max-tokens", "6",
+              "--temperature", "0", "--kv-cache-dtype", "fp8"])
+    assert capsys.readouterr().out == "Hello" + want + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
-
-def prefill_logits(model, ids):
-    """Logits of every prompt position through ember's model (one chunk, fresh cache)."""
-    from ember.engine.model_runner import allocate_kv_cache
-
-    device = model.embed_tokens.weight.device
-    blocks = -(-len(ids) // 16)
-    caches = allocate_kv_cache(model, blocks, 16, device)
-    # One chunk of len(ids) tokens in blocks 0, 1, ...: token t goes to slot t.
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(len(ids), device=device), chunks=[(0, len(ids), len(ids))],
-        chunk_block_table=torch.arange(blocks, dtype=torch.int32, device=device)[None])
-    with torch.inference_mode():
-        hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device),
-                       meta, caches)
-        return model.compute_logits(hidden)
-
 
 @pytest.mark.cuda
 def test_bf16_close_to_transformers_bf16(hf_smollm2):

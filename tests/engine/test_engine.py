@@ -22,6 +22,10 @@ def generated(outputs):
     return [o.outputs[0].token_ids for o in outputs]
 
 
+def relative_error(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def record_batches(llm):
     """Wrap the scheduler so the test sees every step's (num_decodes, num_new_tokens)."""
     seen = []
@@ -298,6 +302,7 @@ def test_api_misuse_raises(make_llm):
     (dict(kernel_backend="fast"), "kernel_backend"),
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
     (dict(load_format="pickle"), "load_format"),
+    (dict(kv_cache_dtype="int8"), "kv_cache_dtype must be one of"),
     (dict(max_model_len=4096), "exceeds the model's context length"),
     (dict(num_kv_blocks=2, max_model_len=64), "KV cache holds 32 tokens"),
     (dict(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128),
@@ -321,6 +326,63 @@ def test_dummy_weights_load_random_model(make_llm):
     assert not torch.isnan(llm.model.embed_tokens.weight).any()
 
 
+def test_fp8_kv_cache_is_e4m3_and_the_same_through_every_engine_path(tiny_llama):
+    """kv_cache_dtype="fp8": float8_e4m3fn caches with scales (a quarter of a float32 cache's
+    bytes), and greedy tokens that do not depend on prompt chunking, preemption or prefix-cache
+    hits: every path writes K/V quantized and attends over the quantized cache."""
+    folder = str(tiny_llama[0])
+    prompts = token_prompts(random_prompts(6, VOCAB, [40, 7, 25, 60, 2, 33], seed=3))
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    roomy = ember.LLM(folder, kv_cache_dtype="fp8", num_kv_blocks=64)
+    cache = roomy.runner.kv_caches[0]
+    assert cache.k.dtype == cache.v.dtype == torch.float8_e4m3fn
+    assert cache.k_scale.dtype == cache.v_scale.dtype == torch.float32
+    plain = ember.LLM(folder, num_kv_blocks=64)
+    assert 4 * roomy.stats()["kv_cache_bytes"] == plain.stats()["kv_cache_bytes"]
+    want = generated(roomy.generate(prompts, params, use_tqdm=False))
+    assert generated(roomy.generate(prompts, params, use_tqdm=False)) == want  # prefix hits
+    assert roomy.stats()["prefix_cache_hit_tokens"] > 0
+    tight = ember.LLM(folder, kv_cache_dtype="fp8", num_kv_blocks=8, max_model_len=128,
+                      max_num_batched_tokens=16, max_num_seqs=4)
+    assert generated(tight.generate(prompts, params, use_tqdm=False)) == want
+    assert tight.stats()["num_preemptions"] > 0
+
+
+def test_fp8_kv_cache_quantizes_with_its_scales_and_logits_stay_close(tiny_llama):
+    """With scales of 0.25 in an fp8 cache: layer 0 (whose inputs do not depend on the cache)
+    stores exactly e4m3(K / 0.25) and e4m3(V / 0.25) of the float32 run's K/V, and the prompt's
+    logits differ from the float32 cache's by a few times that rounding (about 2.6% of K and V
+    on this model; 6-9% of the logits after two layers, against O(1) if a scale were dropped)."""
+    from helpers import prefill_logits
+
+    from ember.engine.model_runner import allocate_kv_cache
+    from ember.ops.reference import quantize_fp8_e4m3
+
+    model = ember.LLM(str(tiny_llama[0]), num_kv_blocks=8).model
+    ids = random_prompts(1, VOCAB, [45], seed=8)[0]
+    exact_caches = allocate_kv_cache(model, 3, 16, "cpu", torch.float32)
+    fp8_caches = allocate_kv_cache(model, 3, 16, "cpu", torch.float8_e4m3fn)
+    for cache in fp8_caches:
+        cache.k_scale.fill_(0.25)
+        cache.v_scale.fill_(0.25)
+    exact = prefill_logits(model, ids, exact_caches)
+    fp8 = prefill_logits(model, ids, fp8_caches)
+
+    def rows(t):  # the prompt's slots 0..44 as [tokens, heads, d]
+        return t.flatten(0, 1)[:len(ids)]
+
+    kv_error = 0.0
+    for name in ("k", "v"):
+        want = rows(getattr(exact_caches[0], name))
+        scale = getattr(fp8_caches[0], f"{name}_scale")
+        stored = rows(getattr(fp8_caches[0], name))
+        assert torch.equal(stored.view(torch.uint8),
+                           quantize_fp8_e4m3(want, scale).view(torch.uint8)), name
+        kv_error = max(kv_error, relative_error(stored.float() * scale, want))
+    error = relative_error(fp8, exact)
+    assert 0 < error < 4 * kv_error, (error, kv_error)
+
+
 def test_decode_steps_on_a_torch_reference_are_not_captured(monkeypatch):
     """An op of the step on its torch reference (a host sync) keeps the engine eager: attention
     asked for on torch, or at a head dim, dtype or block size the kernels do not take; fused_moe
@@ -340,8 +402,10 @@ def test_decode_steps_on_a_torch_reference_are_not_captured(monkeypatch):
 
     cuda = torch.device("cuda")
     for moe_backend in ("triton", "torch"):
-        monkeypatch.setattr(ember.ops, "resolve_backend", lambda op, backend, device: (
-            "torch" if backend == "torch" else moe_backend if op == "fused_moe" else "cuda"))
+        def resolve(op, backend, device, moe=moe_backend):
+            return "torch" if backend == "torch" else moe if op == "fused_moe" else "cuda"
+
+        monkeypatch.setattr(ember.ops, "resolve_backend", resolve)
         assert decode_op_on_reference(model(), config(), cuda) is None
         for unsupported in (model(head_dim=16), model(dtype=torch.float32)):
             assert decode_op_on_reference(unsupported, config(), cuda) == "flash_attn_with_kvcache"
@@ -354,8 +418,9 @@ def test_decode_steps_on_a_torch_reference_are_not_captured(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_cuda_graphs_match_eager_on_a_random_model(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,kv_cache_dtype",
+                         [("bfloat16", "auto"), ("float16", "auto"), ("bfloat16", "fp8")])
+def test_cuda_graphs_match_eager_on_a_random_model(tmp_path, dtype, kv_cache_dtype):
     """Decode through captured CUDA graphs, each step launched before the previous one's
     tokens are read (async scheduling), gives eager synchronous mode's tokens (random weights,
     head_dim 64 so the kernels run; no checkpoint file needed)."""
@@ -366,7 +431,7 @@ def test_cuda_graphs_match_eager_on_a_random_model(tmp_path, dtype):
     # Fixed KV pools: two engines live at once, and gpu_memory_utilization would hand the whole
     # remainder of the GPU to the first.
     args = dict(load_format="dummy", dtype=dtype, device="cuda", max_num_seqs=64, seed=3,
-                num_kv_blocks=512)
+                num_kv_blocks=512, kv_cache_dtype=kv_cache_dtype)
     eager = ember.LLM(str(tmp_path), enforce_eager=True, async_scheduling=False, **args)
     graphs = ember.LLM(str(tmp_path), **args)  # with async scheduling, CUDA's default
     assert graphs.config.async_scheduling

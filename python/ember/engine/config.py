@@ -8,6 +8,7 @@ from ember.engine.speculative import SpeculativeConfig
 from ember.models.llama import check_quantization
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class EngineConfig:
         features), run by ember.ops.w8a16_gemm / w4a16_gemm.
     speculative: None, or speculative decoding settings (a dict of SpeculativeConfig's fields,
         e.g. ``{"method": "ngram", "num_speculative_tokens": 4}``; see speculative.py).
+    kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (float8_e4m3fn with
+        scales of 1.0, vLLM's default without calibrated scales: K/V values past +-448
+        saturate); half the bytes of a bf16 cache, so twice the tokens in the same memory.
     """
 
     model: str
@@ -65,6 +69,7 @@ class EngineConfig:
     seed: int = 0
     quantization: str | None = None
     speculative: dict | SpeculativeConfig | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         self.speculative = SpeculativeConfig.from_arg(self.speculative)
@@ -84,6 +89,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
         check_quantization("quantization", self.quantization)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.kernel_backend not in ("auto", "cuda", "triton", "torch"):

@@ -27,6 +27,7 @@ from ember.engine.model_runner import (
     allocate_kv_cache,
     count_kv_blocks,
     kv_block_bytes,
+    kv_cache_dtype,
 )
 from ember.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams
@@ -48,7 +49,7 @@ class LLM:
     max_num_batched_tokens, max_model_len, block_size, enable_prefix_caching,
     enable_chunked_prefill, enforce_eager, async_scheduling, kernel_backend,
     gpu_memory_utilization, num_kv_blocks, kv_cache_memory_cpu, load_format, seed,
-    quantization, speculative).
+    quantization, speculative, kv_cache_dtype).
 
     Example::
 
@@ -90,7 +91,9 @@ class LLM:
                                      quantization=spec.quantization)
         # The draft model's KV cache shares the target's block tables: a block holds both.
         num_blocks = count_kv_blocks(config, self.model, max_len, extra_block_bytes=(
-            kv_block_bytes(draft_model, config.block_size) if draft_model else 0))
+            kv_block_bytes(draft_model, config.block_size,
+                           kv_cache_dtype(draft_model, config.kv_cache_dtype))
+            if draft_model else 0))
         capacity = num_blocks * config.block_size
         if capacity < max_len:
             if config.max_model_len is not None or capacity < config.block_size:
@@ -114,8 +117,9 @@ class LLM:
         self.proposer = None
         if draft_model is not None:
             self.proposer = DraftModelProposer(
-                spec, draft_model, allocate_kv_cache(draft_model, num_blocks, config.block_size,
-                                                     config.device), config.block_size)
+                spec, draft_model, allocate_kv_cache(
+                    draft_model, num_blocks, config.block_size, config.device,
+                    kv_cache_dtype(draft_model, config.kv_cache_dtype)), config.block_size)
         elif spec is not None:
             self.proposer = NgramProposer(spec)
         self.num_draft_tokens = 0  # drafts verified so far, and how many were accepted
@@ -463,7 +467,8 @@ class LLM:
         return {
             "num_kv_blocks": bm.num_blocks,
             "block_size": bm.block_size,
-            "kv_cache_bytes": bm.num_blocks * kv_block_bytes(self.model, bm.block_size),
+            "kv_cache_bytes": bm.num_blocks * kv_block_bytes(
+                self.model, bm.block_size, self.runner.kv_caches[0].k.dtype),
             "max_model_len": self.max_model_len,
             "prefix_cache_query_tokens": bm.prefix_query_tokens,
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens,

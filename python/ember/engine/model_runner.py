@@ -22,7 +22,7 @@ from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import ScheduledBatch
 from ember.engine.sequence import Sequence
 from ember.engine.speculative import is_chain, tree_attention_mask, tree_depths
-from ember.models.attention import AttentionMetadata
+from ember.models.attention import AttentionMetadata, KVCache
 from ember.ops.attention import kernel_unsupported
 
 
@@ -70,20 +70,31 @@ class StepOutput:
         return lists
 
 
-def kv_block_bytes(model, block_size: int) -> int:
-    """Bytes of one KV block over all layers (K and V)."""
-    c = model.config
-    itemsize = model.embed_tokens.weight.dtype.itemsize
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * itemsize
+def kv_cache_dtype(model, setting: str) -> torch.dtype:
+    """The cache's element type for EngineConfig.kv_cache_dtype: the model's, or fp8 e4m3."""
+    return model.embed_tokens.weight.dtype if setting == "auto" else torch.float8_e4m3fn
 
 
-def allocate_kv_cache(model, num_blocks: int, block_size: int, device) -> list:
-    """Per layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, heads_kv, head_dim]``."""
+def kv_block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block over all layers (K and V) with ``dtype`` elements."""
     c = model.config
-    dtype = model.embed_tokens.weight.dtype
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
+
+
+def allocate_kv_cache(model, num_blocks: int, block_size: int, device,
+                      dtype: torch.dtype) -> list:
+    """Per layer a KVCache: k and v ``[num_blocks, block_size, heads_kv, head_dim]`` of
+    ``dtype``; an fp8 cache with scales of 1.0 (the values are stored as they are, saturated
+    to +-448)."""
+    c = model.config
     shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-    return [(torch.empty(shape, dtype=dtype, device=device),
-             torch.empty(shape, dtype=dtype, device=device)) for _ in range(c.num_layers)]
+    caches = []
+    for _ in range(c.num_layers):
+        k, v = (torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
+        scales = ((torch.ones(1, dtype=torch.float32, device=device) for _ in range(2))
+                  if dtype == torch.float8_e4m3fn else (None, None))
+        caches.append(KVCache(k, v, *scales))
+    return caches
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -179,7 +190,8 @@ def count_kv_blocks(config: EngineConfig, model, max_model_len: int,
     ``extra_block_bytes``: more bytes per block (a draft model's cache)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    block_bytes = kv_block_bytes(model, config.block_size) + extra_block_bytes
+    dtype = kv_cache_dtype(model, config.kv_cache_dtype)
+    block_bytes = kv_block_bytes(model, config.block_size, dtype) + extra_block_bytes
     if config.device.type == "cpu":
         return config.kv_cache_memory_cpu // block_bytes
     torch.cuda.synchronize()
@@ -208,7 +220,8 @@ def _profile_step(config: EngineConfig, model, max_model_len: int) -> None:
         seqs.append(seq)
         counts.append(n)
         remaining -= n
-    kv_caches = allocate_kv_cache(model, next_block, bs, config.device)
+    kv_caches = allocate_kv_cache(model, next_block, bs, config.device,
+                                  kv_cache_dtype(model, config.kv_cache_dtype))
     inputs = prepare_inputs(ScheduledBatch(seqs=seqs, num_new_tokens=counts), bs,
                             config.device)
     with torch.inference_mode():
@@ -246,7 +259,8 @@ class ModelRunner:
         # With CUDA graphs, one more block past those the block manager hands out: the scratch
         # block that the graphs' padding rows write their K/V into.
         self.kv_caches = allocate_kv_cache(model, num_blocks + 1 if use_graphs else num_blocks,
-                                           config.block_size, self.device)
+                                           config.block_size, self.device,
+                                           kv_cache_dtype(model, config.kv_cache_dtype))
         self.sampler = Sampler(eos_token_ids, config.kernel_backend)
         self.graphs = None
         if use_graphs:

@@ -16,10 +16,22 @@ to itself):
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ember import ops
+
+
+class KVCache(NamedTuple):
+    """One layer's paged cache: ``k, v [num_blocks, block_size, heads_kv, head_dim]`` in the
+    model's dtype or float8_e4m3fn, and for fp8 their float32 ``[1]`` scales (a stored code
+    times its scale is the value; None for 16/32-bit caches)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -49,26 +61,28 @@ class AttentionMetadata:
     chunk_tree_masks: list = field(default_factory=list)
 
 
-def paged_attention(positions, q, k, v, k_cache, v_cache, cos_sin_cache, meta: AttentionMetadata,
-                    *, softmax_scale: float, window: int | None, backend: str) -> torch.Tensor:
+def paged_attention(positions, q, k, v, cache: KVCache, cos_sin_cache,
+                    meta: AttentionMetadata, *, softmax_scale: float, window: int | None,
+                    backend: str) -> torch.Tensor:
     """Rotary embedding (GPT-NeoX pairs), the KV cache write and causal attention of a flat
     batch.
 
     positions: int64 ``[num_tokens]``; q: ``[num_tokens, heads_q, head_dim]``; k, v:
-    ``[num_tokens, heads_kv, head_dim]``, not yet rotated; k_cache, v_cache: ``[num_blocks,
-    block_size, heads_kv, head_dim]``; cos_sin_cache: ``[max_positions, rotary_dim]`` (cos
-    half, then sin half). ``window``: Hugging Face's sliding window (a query sees that many
-    most recent keys, itself included) or None. Returns ``[num_tokens, heads_q, head_dim]``.
+    ``[num_tokens, heads_kv, head_dim]``, not yet rotated; cache: the layer's KVCache (an fp8
+    cache quantizes on write and dequantizes in the attention kernels); cos_sin_cache:
+    ``[max_positions, rotary_dim]`` (cos half, then sin half). ``window``: Hugging Face's
+    sliding window (a query sees that many most recent keys, itself included) or None.
+    Returns ``[num_tokens, heads_q, head_dim]``.
     """
     window_size = (-1, -1) if window is None else (window - 1, 0)
     common = dict(softmax_scale=softmax_scale, causal=True, window_size=window_size,
-                  backend=backend)
+                  k_scale=cache.k_scale, v_scale=cache.v_scale, backend=backend)
     parts = []
     nd = meta.num_decodes
     if nd:
         half = cos_sin_cache.shape[1] // 2
         out = ops.flash_attn_with_kvcache(
-            q[:nd, None], k_cache, v_cache, k=k[:nd, None], v=v[:nd, None],
+            q[:nd, None], cache.k, cache.v, k=k[:nd, None], v=v[:nd, None],
             cache_seqlens=meta.decode_cache_seqlens, block_table=meta.decode_block_table,
             rotary_cos=cos_sin_cache[:, :half], rotary_sin=cos_sin_cache[:, half:],
             rotary_interleaved=False, **common)
@@ -76,15 +90,16 @@ def paged_attention(positions, q, k, v, k_cache, v_cache, cos_sin_cache, meta: A
     if meta.chunks:
         # One kernel rotates q and k and writes k and v into their cache slots.
         q_chunks = ops.rotary_embedding_and_store_kvcache(
-            positions[nd:], q[nd:], k[nd:], v[nd:], cos_sin_cache, k_cache, v_cache,
-            meta.slot_mapping[nd:], is_neox=True, backend=backend)
+            positions[nd:], q[nd:], k[nd:], v[nd:], cos_sin_cache, cache.k, cache.v,
+            meta.slot_mapping[nd:], is_neox=True, k_scale=cache.k_scale, v_scale=cache.v_scale,
+            backend=backend)
         for i, (start, length, keys) in enumerate(meta.chunks):
             tree = meta.chunk_tree_masks[i] if meta.chunk_tree_masks else None
             # A tree mask replaces the causal one (each node sees its ancestors: earlier rows).
             args = common if tree is None else {**common, "causal": False,
                                                 "tree_mask": tree[None]}
             out = ops.flash_attn_with_kvcache(
-                q_chunks[None, start - nd:start - nd + length], k_cache, v_cache,
+                q_chunks[None, start - nd:start - nd + length], cache.k, cache.v,
                 cache_seqlens=keys, block_table=meta.chunk_block_table[i:i + 1], **args)
             parts.append(out[0])
     return parts[0] if len(parts) == 1 else torch.cat(parts)

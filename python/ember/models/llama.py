@@ -168,7 +168,7 @@ class LlamaAttention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = paged_attention(positions, q, k, v, *kv_cache, cos_sin, meta,
+        out = paged_attention(positions, q, k, v, kv_cache, cos_sin, meta,
                               softmax_scale=self.scale, window=self.window, backend=self.backend)
         return self.o_proj(out.reshape(n, -1))
 
@@ -212,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
     """Decoder over a flat batch.
 
     ``forward(input_ids, positions, meta, kv_caches)``: input_ids and positions int64
-    ``[num_tokens]``; ``kv_caches[i]`` the ``(k_cache, v_cache)`` of layer ``i``; returns the
+    ``[num_tokens]``; ``kv_caches[i]`` the KVCache of layer ``i``; returns the
     final hidden states ``[num_tokens, hidden]``. ``compute_logits(hidden)`` gives ``[rows,
     vocab]`` in the weights' dtype. ``max_positions`` bounds the rotary table (the engine's
     max_model_len).
