@@ -10,7 +10,7 @@ GB/s over the bytes the call must move (``bench.decode.decode_bytes``), the fp8 
 time (issue 4's bar: 1.6x) and each output's relative error against the float32 reference.
 The last row is the engine's batch-1 shape: 384 cached keys. ``--e2e`` adds single-stream
 decode tok/s (``measure_latency``: a 128-token prompt, 256 new tokens, twice) of the
-Llama-3.2-1B and SmolLM2-135M shapes with random weights.
+Llama-3.2-1B shape (bf16 and fp8 KV caches) and the SmolLM2-135M shape, random weights.
 
 Timing as in the ``decode`` suite: CUDA-graph replay of back-to-back calls of the kernel
 backend (no host-side validation), inputs rotated through copies past the L2 cache.
@@ -34,7 +34,8 @@ SHAPES = (
     (32, 8, 128, 32, 4096, True), (32, 8, 64, 32, 4096, True), (32, 8, 64, 1, 384, True),
 )
 CACHES = (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))
-E2E_MODELS = ("llama-3.2-1b", "smollm2-135m")
+# (model shape, kv_cache_dtype)
+E2E_RUNS = (("llama-3.2-1b", "auto"), ("llama-3.2-1b", "fp8"), ("smollm2-135m", "auto"))
 
 
 def kernel_rows(backend: str) -> list:
@@ -82,10 +83,10 @@ def e2e_tok_s() -> dict:
 
     out = {}
     with tempfile.TemporaryDirectory() as root:
-        for name in E2E_MODELS:
+        for name, cache in E2E_RUNS:
             llm = ember.LLM(write_config_folder(name, root), dtype="bfloat16",
-                            load_format="dummy")
-            out[name] = [measure_latency(llm)["decode_tok_s"] for _ in range(2)]
+                            load_format="dummy", kv_cache_dtype=cache)
+            out[f"{name} kv {cache}"] = [measure_latency(llm)["decode_tok_s"] for _ in range(2)]
             del llm
             torch.cuda.empty_cache()
     return out
