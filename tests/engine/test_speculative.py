@@ -7,6 +7,7 @@ that the equality is not that of two engines that never speculated.
 """
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_checkpoints import TINY_VOCAB as VOCAB
@@ -357,6 +358,21 @@ def test_self_draft_is_always_accepted(make):
     assert stats["num_preemptions"] > 0
     assert stats["spec_draft_tokens"] > 100
     assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"]
+
+
+@pytest.mark.parametrize("spec", [SPEC, TREE_SPEC, draft_spec()], ids=["chain", "tree", "draft"])
+def test_speculation_over_an_fp8_kv_cache_gives_plain_decodings_tokens(make, spec):
+    """Verified drafts write and read the fp8 cache as plain decoding does (their K/V
+    quantized, with the cache's scales; a draft model's cache fp8 too), so greedy tokens do
+    not change with speculation on."""
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    prompts = workload() + tree_workload()
+    want = run(make(kv_cache_dtype="fp8"), prompts, params)
+    llm = make(kv_cache_dtype="fp8", speculative=spec)
+    assert run(llm, prompts, params) == want
+    assert llm.stats()["spec_accepted_tokens"] > 0
+    if spec["method"] == "draft_model":
+        assert llm.proposer.kv_caches[0].k.dtype == torch.float8_e4m3fn
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
