@@ -108,7 +108,7 @@ def prefill_logits(model, ids: list, caches: list | None = None) -> torch.Tensor
     device = model.embed_tokens.weight.device
     blocks = -(-len(ids) // 16)
     if caches is None:
-        caches = allocate_kv_cache(model, blocks, 16, device, model.embed_tokens.weight.dtype)
+        caches = allocate_kv_cache(model, blocks, 16, device)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(len(ids), device=device), chunks=[(0, len(ids), len(ids))],
         chunk_block_table=torch.arange(blocks, dtype=torch.int32, device=device)[None])

@@ -360,8 +360,8 @@ def test_fp8_kv_cache_quantizes_with_its_scales_and_logits_stay_close(tiny_llama
 
     model = ember.LLM(str(tiny_llama[0]), num_kv_blocks=8).model
     ids = random_prompts(1, VOCAB, [45], seed=8)[0]
-    exact_caches = allocate_kv_cache(model, 3, 16, "cpu", torch.float32)
-    fp8_caches = allocate_kv_cache(model, 3, 16, "cpu", torch.float8_e4m3fn)
+    exact_caches = allocate_kv_cache(model, 3, 16, "cpu")  # the float32 model's dtype
+    fp8_caches = allocate_kv_cache(model, 3, 16, "cpu", "fp8")
     for cache in fp8_caches:
         cache.k_scale.fill_(0.25)
         cache.v_scale.fill_(0.25)

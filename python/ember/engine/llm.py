@@ -27,7 +27,6 @@ from ember.engine.model_runner import (
     allocate_kv_cache,
     count_kv_blocks,
     kv_block_bytes,
-    kv_cache_dtype,
 )
 from ember.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ember.engine.sampling_params import SamplingParams
@@ -91,8 +90,7 @@ class LLM:
                                      quantization=spec.quantization)
         # The draft model's KV cache shares the target's block tables: a block holds both.
         num_blocks = count_kv_blocks(config, self.model, max_len, extra_block_bytes=(
-            kv_block_bytes(draft_model, config.block_size,
-                           kv_cache_dtype(draft_model, config.kv_cache_dtype))
+            kv_block_bytes(draft_model, config.block_size, config.kv_cache_dtype)
             if draft_model else 0))
         capacity = num_blocks * config.block_size
         if capacity < max_len:
@@ -117,9 +115,9 @@ class LLM:
         self.proposer = None
         if draft_model is not None:
             self.proposer = DraftModelProposer(
-                spec, draft_model, allocate_kv_cache(
-                    draft_model, num_blocks, config.block_size, config.device,
-                    kv_cache_dtype(draft_model, config.kv_cache_dtype)), config.block_size)
+                spec, draft_model, allocate_kv_cache(draft_model, num_blocks, config.block_size,
+                                                     config.device, config.kv_cache_dtype),
+                config.block_size)
         elif spec is not None:
             self.proposer = NgramProposer(spec)
         self.num_draft_tokens = 0  # drafts verified so far, and how many were accepted
@@ -467,8 +465,8 @@ class LLM:
         return {
             "num_kv_blocks": bm.num_blocks,
             "block_size": bm.block_size,
-            "kv_cache_bytes": bm.num_blocks * kv_block_bytes(
-                self.model, bm.block_size, self.runner.kv_caches[0].k.dtype),
+            "kv_cache_bytes": bm.num_blocks * kv_block_bytes(self.model, bm.block_size,
+                                                             self.config.kv_cache_dtype),
             "max_model_len": self.max_model_len,
             "prefix_cache_query_tokens": bm.prefix_query_tokens,
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens,

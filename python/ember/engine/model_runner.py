@@ -75,18 +75,20 @@ def kv_cache_dtype(model, setting: str) -> torch.dtype:
     return model.embed_tokens.weight.dtype if setting == "auto" else torch.float8_e4m3fn
 
 
-def kv_block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block over all layers (K and V) with ``dtype`` elements."""
+def kv_block_bytes(model, block_size: int, setting: str = "auto") -> int:
+    """Bytes of one KV block over all layers (K and V), ``setting`` as kv_cache_dtype's."""
     c = model.config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
+    itemsize = kv_cache_dtype(model, setting).itemsize
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * itemsize
 
 
 def allocate_kv_cache(model, num_blocks: int, block_size: int, device,
-                      dtype: torch.dtype) -> list:
+                      setting: str = "auto") -> list:
     """Per layer a KVCache: k and v ``[num_blocks, block_size, heads_kv, head_dim]`` of
-    ``dtype``; an fp8 cache with scales of 1.0 (the values are stored as they are, saturated
-    to +-448)."""
+    ``kv_cache_dtype(model, setting)``; an fp8 cache with scales of 1.0 (the values are stored
+    as they are, saturated to +-448)."""
     c = model.config
+    dtype = kv_cache_dtype(model, setting)
     shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
     caches = []
     for _ in range(c.num_layers):
@@ -190,8 +192,8 @@ def count_kv_blocks(config: EngineConfig, model, max_model_len: int,
     ``extra_block_bytes``: more bytes per block (a draft model's cache)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    dtype = kv_cache_dtype(model, config.kv_cache_dtype)
-    block_bytes = kv_block_bytes(model, config.block_size, dtype) + extra_block_bytes
+    block_bytes = kv_block_bytes(model, config.block_size, config.kv_cache_dtype)
+    block_bytes += extra_block_bytes
     if config.device.type == "cpu":
         return config.kv_cache_memory_cpu // block_bytes
     torch.cuda.synchronize()
@@ -220,8 +222,7 @@ def _profile_step(config: EngineConfig, model, max_model_len: int) -> None:
         seqs.append(seq)
         counts.append(n)
         remaining -= n
-    kv_caches = allocate_kv_cache(model, next_block, bs, config.device,
-                                  kv_cache_dtype(model, config.kv_cache_dtype))
+    kv_caches = allocate_kv_cache(model, next_block, bs, config.device, config.kv_cache_dtype)
     inputs = prepare_inputs(ScheduledBatch(seqs=seqs, num_new_tokens=counts), bs,
                             config.device)
     with torch.inference_mode():
@@ -260,7 +261,7 @@ class ModelRunner:
         # block that the graphs' padding rows write their K/V into.
         self.kv_caches = allocate_kv_cache(model, num_blocks + 1 if use_graphs else num_blocks,
                                            config.block_size, self.device,
-                                           kv_cache_dtype(model, config.kv_cache_dtype))
+                                           config.kv_cache_dtype)
         self.sampler = Sampler(eos_token_ids, config.kernel_backend)
         self.graphs = None
         if use_graphs:
