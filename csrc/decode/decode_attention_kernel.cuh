@@ -119,8 +119,9 @@ struct DecodeConfig {
   // 32:8 32 x 4k paged 2608 -> 2767 GB/s, 1 x 384 paged 126 -> 120 GB/s, Llama-3.2-1B 802 ->
   // 757 tok/s, SmolLM2 shape 1407 -> 1248 (random weights). So bf16 keeps 64-key tiles. Those
   // tiles took 98 KB per CTA (3 stages), as the 6-stage build noted at stages() did, which slowed
-  // the step too; 128-key tiles in 2 stages (66 KB) are untried. Append layout: 64-key tiles,
-  // 32 at d = 256 to keep the shared memory of two stages under the budget.
+  // the step too; in 2 stages (66 KB, the footprint of the 64-key tiles) the 1B step still lost
+  // (H100, commit 161b0ac: 813-815 -> 795-798 tok/s). Append layout: 64-key tiles, 32 at
+  // d = 256 to keep the shared memory of two stages under the budget.
   static constexpr int kBlockN = kWarpsM == 1 ? (kFp8 ? 64 * (256 / kHeadDim) : 64)
                                               : (kHeadDim <= 128 ? 64 : 32);
   static constexpr int kWarpKeys = kBlockN / kWarpsN;
