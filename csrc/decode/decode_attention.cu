@@ -66,9 +66,8 @@ void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
     throw std::invalid_argument(op + "fp8 caches need k_scale and v_scale");
   }
   if (p.new_k != nullptr) {
-    if (fp8 || p.seqlen_q != 1 || p.new_v == nullptr) {
-      throw std::invalid_argument(op + "a new token in the kernel needs seqlen_q == 1, new_v and "
-                                       "a cache in q's dtype");
+    if (p.seqlen_q != 1 || p.new_v == nullptr) {
+      throw std::invalid_argument(op + "a new token in the kernel needs seqlen_q == 1 and new_v");
     }
     if (p.rotary_cos != nullptr &&
         (p.rotary_sin == nullptr || p.rotary_rows < 1 || p.rotary_dim < 2 ||

@@ -44,11 +44,13 @@
 //     arrive folds them with the math of merge_attn_states (merge_row.cuh) and writes the
 //     result. No second kernel: its launch and the gap before it cost more than the fold
 //     itself at decode sizes.
-//   * Decode with a new token (p.new_k; seqlen_q = 1, 16-bit cache): the key at position
-//     seqlens_k[b] is the new one. Its K/V rows are copied from new_k/new_v instead of the
+//   * Decode with a new token (p.new_k; seqlen_q = 1): the key at position seqlens_k[b] is
+//     the new one. 16-bit caches: its K/V rows are copied from new_k/new_v instead of the
 //     cache; the CTA holding that tile rotates the K row in shared memory (rotary_cos), and
-//     the first row block's CTA writes K and V into the cache. Q is rotated in shared memory
-//     by every CTA. Only the split whose tiles hold the new key ever reads it, so no other CTA
+//     the first row block's CTA writes K and V into the cache. fp8 caches: that row of the
+//     tile is zero-filled, then the CTA rotates the new K row in registers and quantises K and
+//     V as store_kvcache does (store_cache.cuh) into the tile and, in the first row block,
+//     into the cache. Q is rotated in shared memory by every CTA. Only the split whose tiles hold the new key ever reads it, so no other CTA
 //     waits for the write: rotary, the KV store and attention are one kernel, one launch.
 #pragma once
 
@@ -65,6 +67,7 @@
 #include "common/pdl.cuh"
 #include "decode/decode_attention.h"
 #include "decode/merge_row.cuh"
+#include "kvcache/store_cache.cuh"
 #include "rotary/rotary.cuh"
 
 namespace ember {
@@ -357,7 +360,8 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
       const int row = idx / Cfg::kCopyChunks;
       const int chunk = idx % Cfg::kCopyChunks;
       const int key = tile * Cfg::kBlockN + row;
-      const bool valid = key < seqlen_k;
+      // An fp8 tile's new-token row is written by quantize_new_row once the tile has landed.
+      const bool valid = key < seqlen_k && (!Cfg::kFp8 || key != new_pos);
       int64_t block = b;
       int slot = key;
       if (p.block_table != nullptr && valid) {
@@ -367,7 +371,7 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
       }
       const E* k_src = valid ? k + block * p.k_batch_stride + slot * p.k_row_stride : k;
       const E* v_src = valid ? v + block * p.v_batch_stride + slot * p.v_row_stride : v;
-      if (key == new_pos) {  // the new token: not in the cache yet
+      if (!Cfg::kFp8 && key == new_pos) {  // the new token: not in the cache yet
         k_src = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
                 kv_head * p.new_k_head_stride;
         v_src = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
@@ -398,6 +402,19 @@ __device__ __forceinline__ typename Cfg::T& tile_element(unsigned char* tile, in
       tile + tile_offset<Cfg, kRows>(row, feature / 8))[feature % 8];
 }
 
+// cos and sin of pair i at table row `at` (clipped to the table by the caller).
+template <typename T>
+__device__ __forceinline__ void rotary_cos_sin(const DecodeParams& p, int64_t at, int i,
+                                               float& cos, float& sin) {
+  if (p.rotary_float) {
+    cos = static_cast<const float*>(p.rotary_cos)[at * p.rotary_cos_stride + i];
+    sin = static_cast<const float*>(p.rotary_sin)[at * p.rotary_sin_stride + i];
+  } else {
+    cos = to_float(static_cast<const T*>(p.rotary_cos)[at * p.rotary_cos_stride + i]);
+    sin = to_float(static_cast<const T*>(p.rotary_sin)[at * p.rotary_sin_stride + i]);
+  }
+}
+
 // Rotates rows [row0, row0 + rows) of a swizzled tile by position `pos` (clipped to the table)
 // with rotate_pair, the rounding of ember's rotary kernels; the CTA's threads share the pairs.
 template <class Cfg, int kRows>
@@ -411,13 +428,7 @@ __device__ __forceinline__ void rotate_tile_rows(unsigned char* tile, int row0, 
     const int f0 = p.rotary_interleaved ? 2 * i : i;
     const int f1 = p.rotary_interleaved ? 2 * i + 1 : i + half;
     float cos, sin;
-    if (p.rotary_float) {
-      cos = static_cast<const float*>(p.rotary_cos)[at * p.rotary_cos_stride + i];
-      sin = static_cast<const float*>(p.rotary_sin)[at * p.rotary_sin_stride + i];
-    } else {
-      cos = to_float(static_cast<const T*>(p.rotary_cos)[at * p.rotary_cos_stride + i]);
-      sin = to_float(static_cast<const T*>(p.rotary_sin)[at * p.rotary_sin_stride + i]);
-    }
+    rotary_cos_sin<T>(p, at, i, cos, sin);
     T& a = tile_element<Cfg, kRows>(tile, row, f0);
     T& b = tile_element<Cfg, kRows>(tile, row, f1);
     rotate_pair<T>(to_float(a), to_float(b), cos, sin, a, b);
@@ -450,6 +461,57 @@ __device__ __forceinline__ void store_new_row(const unsigned char* k_tile,
     const unsigned char* tile = is_v ? v_tile : k_tile;
     *reinterpret_cast<uint4*>(dst + chunk * 8) = *reinterpret_cast<const uint4*>(
         tile + tile_offset<Cfg, Cfg::kBlockN>(row, chunk));
+  }
+}
+
+// fp8 caches: the new token's K row (rotated with rotate_pair, rounded to T, as
+// rotary_embedding does) and V row, quantised with to_e4m3 as store_kvcache does, into row
+// `row` of the fp8 K and V tiles and, with `to_cache`, into the cache at key position `pos`.
+// One thread per feature: a K feature inside the rotary dims rotates with its partner.
+template <class Cfg>
+__device__ __forceinline__ void quantize_new_row(unsigned char* k_tile, unsigned char* v_tile,
+                                                 int row, const DecodeParams& p, int b,
+                                                 int kv_head, int pos, bool to_cache, int tid) {
+  using T = typename Cfg::T;
+  const T* k = static_cast<const T*>(p.new_k) + b * p.new_k_batch_stride +
+               kv_head * p.new_k_head_stride;
+  const T* v = static_cast<const T*>(p.new_v) + b * p.new_v_batch_stride +
+               kv_head * p.new_v_head_stride;
+  int64_t block = b;
+  int slot = pos;
+  if (p.block_table != nullptr) {
+    const int page = pos / p.page_size;
+    slot = pos - page * p.page_size;
+    block = p.block_table[static_cast<int64_t>(b) * p.max_blocks + page];
+  }
+  Fp8* k_dst = static_cast<Fp8*>(const_cast<void*>(p.k_cache)) + block * p.k_batch_stride +
+               slot * p.k_row_stride + kv_head * p.k_head_stride;
+  Fp8* v_dst = static_cast<Fp8*>(const_cast<void*>(p.v_cache)) + block * p.v_batch_stride +
+               slot * p.v_row_stride + kv_head * p.v_head_stride;
+  const float k_scale = *p.k_scale, v_scale = *p.v_scale;
+  const int half = p.rotary_cos != nullptr ? p.rotary_dim / 2 : 0;
+  for (int f = tid; f < Cfg::kHeadDim; f += Cfg::kThreads) {
+    T k_f = k[f];
+    if (f < 2 * half) {
+      const bool first = p.rotary_interleaved ? f % 2 == 0 : f < half;
+      const int i = p.rotary_interleaved ? f / 2 : (first ? f : f - half);
+      const int f0 = p.rotary_interleaved ? 2 * i : i;
+      const int f1 = p.rotary_interleaved ? 2 * i + 1 : i + half;
+      float cos, sin;
+      rotary_cos_sin<T>(p, min(max(pos, 0), p.rotary_rows - 1), i, cos, sin);
+      T a, r;
+      rotate_pair<T>(to_float(k[f0]), to_float(k[f1]), cos, sin, a, r);
+      k_f = first ? a : r;
+    }
+    const Fp8 kq = to_e4m3(to_float(k_f), k_scale);
+    const Fp8 vq = to_e4m3(to_float(v[f]), v_scale);
+    const uint32_t at = fp8_chunk_offset<Cfg>(row, f / 16) + f % 16;
+    k_tile[at] = kq;
+    v_tile[at] = vq;
+    if (to_cache) {
+      k_dst[f] = kq;
+      v_dst[f] = vq;
+    }
   }
 }
 
@@ -804,9 +866,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       const uint32_t s_v = s_k + Cfg::kRawTileBytes;
 
       if (new_pos >= 0 && t == new_pos / kBN) {  // the tile holding the new token
-        if constexpr (!Cfg::kFp8) {  // (the host fuses only 16-bit caches)
-          const int row = new_pos - t * kBN;
-          unsigned char* k_tile = smem + (s_k - s_q);
+        const int row = new_pos - t * kBN;
+        unsigned char* k_tile = smem + (s_k - s_q);
+        if constexpr (Cfg::kFp8) {
+          quantize_new_row<Cfg>(k_tile, smem + (s_v - s_q), row, p, b, kv_head, new_pos,
+                                m_block == 0, tid);
+          __syncthreads();
+        } else {
           if (p.rotary_cos != nullptr) {
             rotate_tile_rows<Cfg, kBN>(k_tile, row, 1, new_pos, p, tid);
             __syncthreads();

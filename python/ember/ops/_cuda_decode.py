@@ -22,12 +22,13 @@ from ember.ops._validation import with_16b_aligned_rows
 
 def flash_attn_with_kvcache_append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
                                    rotary_interleaved, cache_seqlens, block_table, softmax_scale,
-                                   window_left, window_right, num_splits):
+                                   window_left, window_right, num_splits, k_scale, v_scale):
     """CUDA backend of ``flash_attn_with_kvcache`` with one new token per sequence (the fused
     path, ``ember.ops.attention.FUSED_APPEND``): q ``[batch, 1, heads_q, d]``, k/v ``[batch, 1,
-    heads_kv, d]`` and a cache in q's dtype; ``cache_seqlens`` counts the keys before the new
-    one. One kernel rotates q and k (when rotary_cos is given), writes k and v into the cache
-    and attends over ``cache_seqlens + 1`` keys. Returns ``(out, lse)``."""
+    heads_kv, d]`` and a cache in q's dtype, or fp8 with its ``k_scale``/``v_scale``;
+    ``cache_seqlens`` counts the keys before the new one. One kernel rotates q and k (when
+    rotary_cos is given), writes k and v into the cache (quantised, for fp8) and attends over
+    ``cache_seqlens + 1`` keys. Returns ``(out, lse)``."""
     k, v = with_16b_aligned_rows(k), with_16b_aligned_rows(v)
     rotary = None
     if rotary_cos is not None:
@@ -39,7 +40,7 @@ def flash_attn_with_kvcache_append(q, k_cache, v_cache, k, v, rotary_cos, rotary
                  *(rotary or (0, 0, (0, 0), 0, 0, False, False)))
     return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
                                    softmax_scale, True, window_left, window_right, num_splits,
-                                   None, None, None, new_token=new_token)
+                                   None, k_scale, v_scale, new_token=new_token)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,

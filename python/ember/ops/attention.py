@@ -342,13 +342,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
 
     chosen = _registry.resolve_supported(
         op, op, backend, dev, kernel_unsupported(q.dtype, head_dim, block_size if paged else None))
-    if (k is not None and seqlen_q == 1 and num_new == 1 and k_cache.dtype == q.dtype
-            and tree_mask is None and q.numel()
+    if (k is not None and seqlen_q == 1 and num_new == 1 and tree_mask is None and q.numel()
             and chosen in _registry.available_backends(FUSED_APPEND)):
         # One kernel: rotate, store, attend (the cache is written in place).
         out, lse = torch.ops.ember.flash_attn_with_kvcache_append(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, bool(rotary_interleaved),
-            seqlens, block_table, scale, left, right, num_splits, chosen)
+            seqlens, block_table, scale, left, right, num_splits, k_scale, v_scale, chosen)
         return (out, lse) if return_lse else out
     if rotary:
         q, k = _rotate_new_tokens(q, k, rotary_cos, rotary_sin, rotary_interleaved, seqlens,
@@ -629,9 +628,10 @@ def _flash_attn_kvcache_fake(q, k_cache, v_cache, seqlens_k, block_table, softma
 
 # Decode with new tokens in one kernel (rotate, store, attend): a backend registered under this
 # name takes f(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved,
-# cache_seqlens, block_table, softmax_scale, window_left, window_right, num_splits) with
-# seqlen_q = seqlen_new = 1 and a cache in q's dtype, writes k/v at cache_seqlens and returns
-# (out, lse) over cache_seqlens + 1 keys; rotary_cos/rotary_sin may be None.
+# cache_seqlens, block_table, softmax_scale, window_left, window_right, num_splits, k_scale,
+# v_scale) with seqlen_q = seqlen_new = 1 and a cache in q's dtype or fp8 (then quantised on
+# write as store_kvcache does), writes k/v at cache_seqlens and returns (out, lse) over
+# cache_seqlens + 1 keys; rotary_cos/rotary_sin, k_scale/v_scale (16-bit caches) may be None.
 FUSED_APPEND = "flash_attn_with_kvcache.append"
 
 
@@ -642,15 +642,17 @@ def _flash_attn_kvcache_append_op(
         v: torch.Tensor, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
         rotary_interleaved: bool, cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
         softmax_scale: float, window_left: int, window_right: int, num_splits: int,
+        k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _registry.implementation(FUSED_APPEND, backend)(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
-        block_table, softmax_scale, window_left, window_right, num_splits)
+        block_table, softmax_scale, window_left, window_right, num_splits, k_scale, v_scale)
 
 
 @_flash_attn_kvcache_append_op.register_fake
 def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
-      block_table, softmax_scale, window_left, window_right, num_splits, backend):
+      block_table, softmax_scale, window_left, window_right, num_splits, k_scale, v_scale,
+      backend):
     batch, seqlen_q, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
 
