@@ -521,23 +521,30 @@ def _rotate_new_tokens(q, k, rotary_cos, rotary_sin, interleaved, cache_seqlens,
     Returns the rotated ``(q, k)``."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     num_new, heads_kv = k.shape[1], k.shape[2]
-    cos_sin_cache = torch.cat([rotary_cos, rotary_sin], dim=1)
     base = cache_seqlens.long()[:, None]
     k_positions = (base + torch.arange(num_new, device=q.device)).reshape(-1)
     q_positions = (base + torch.arange(seqlen_q, device=q.device) if by_row
                    else base.expand(batch, seqlen_q)).reshape(-1)
     if backend not in _registry.available_backends("rotary_embedding"):
         backend = "torch"
-    rotate = torch.ops.ember.rotary_embedding
+
+    def rotate(positions, x, partner):
+        # The op takes one [max_pos, rotary_dim] table: hand it just the rows these positions
+        # use (clipped, as the op clips), not a copy of the whole table per call.
+        if positions.numel() == 0:
+            return x, partner
+        rows = positions.clamp(0, rotary_cos.shape[0] - 1)
+        table = torch.cat([rotary_cos[rows], rotary_sin[rows]], dim=1)
+        index = torch.arange(positions.shape[0], device=positions.device)
+        return torch.ops.ember.rotary_embedding(index, x, partner, table, not interleaved,
+                                                backend)
+
     q_rows, k_rows = q.reshape(-1, heads_q, head_dim), k.reshape(-1, heads_kv, head_dim)
     if by_row and seqlen_q == num_new:  # one position per row for both
-        q_rows, k_rows = rotate(k_positions, q_rows, k_rows, cos_sin_cache, not interleaved,
-                                backend)
+        q_rows, k_rows = rotate(k_positions, q_rows, k_rows)
     else:  # the op pairs each q row with a k row: the unused partner is one head, discarded
-        q_rows, _ = rotate(q_positions, q_rows, q_rows[:, :1], cos_sin_cache, not interleaved,
-                           backend)
-        k_rows, _ = rotate(k_positions, k_rows, k_rows[:, :1], cos_sin_cache, not interleaved,
-                           backend)
+        q_rows, _ = rotate(q_positions, q_rows, q_rows[:, :1])
+        k_rows, _ = rotate(k_positions, k_rows, k_rows[:, :1])
     return q_rows.view(q.shape), k_rows.view(k.shape)
 
 
