@@ -716,6 +716,10 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     z = _usable_logits(logits.float())
     # Shifting by the row max first keeps z <= 0, so a tiny temperature cannot overflow to +inf.
     z = (z - z.amax(dim=-1, keepdim=True)) / scale[:, None]
+    # A batch of greedy rows needs no filtering or noise. Asking reads the flags on the host,
+    # so only CPU tensors ask (a CPU engine's common case; on a GPU it would sync).
+    if logits.device.type == "cpu" and bool(greedy.all()):
+        return z.argmax(dim=-1)
     probs = torch.softmax(z, dim=-1)
     sorted_probs = torch.sort(probs, dim=-1, descending=True).values
     p_max = sorted_probs[:, :1]
