@@ -27,8 +27,10 @@ def load_extension():
     return _C
 
 
+@functools.cache
 def extension_error():
-    """Why ``ember._C`` is missing, for error messages."""
+    """Why ``ember._C`` is missing, for error messages (asked per op call where it is: a failed
+    import searches the whole path each time, so the answer is kept, as load_extension's is)."""
     try:
         from ember import _C  # noqa: F401
     except ImportError as exc:
