@@ -50,8 +50,8 @@
 //     the first row block's CTA writes K and V into the cache. fp8 caches: that row of the
 //     tile is zero-filled, then the CTA rotates the new K row in registers and quantises K and
 //     V as store_kvcache does (store_cache.cuh) into the tile and, in the first row block,
-//     into the cache. Q is rotated in shared memory by every CTA. Only the split whose tiles hold the new key ever reads it, so no other CTA
-//     waits for the write: rotary, the KV store and attention are one kernel, one launch.
+//     into the cache. Q is rotated in shared memory by every CTA. Only the split whose tiles
+//     hold the new key ever reads it, so no other CTA waits for the write: rotary, the KV store and attention are one kernel, one launch.
 #pragma once
 
 #include <algorithm>
@@ -435,6 +435,19 @@ __device__ __forceinline__ void rotate_tile_rows(unsigned char* tile, int row0, 
   }
 }
 
+// The cache block and the row in it of key position `pos` of sequence b (a contiguous cache is
+// one block per sequence).
+struct CacheSlot {
+  int64_t block;
+  int slot;
+};
+
+__device__ __forceinline__ CacheSlot cache_slot(const DecodeParams& p, int b, int pos) {
+  if (p.block_table == nullptr) return {b, pos};
+  const int page = pos / p.page_size;
+  return {p.block_table[static_cast<int64_t>(b) * p.max_blocks + page], pos - page * p.page_size};
+}
+
 // Writes row `row` of the K and V tiles (the new token, at key position `pos`) into the cache.
 // The page lookup repeats load_kv_tile's on purpose: one helper shared by both (H100, same run)
 // changed load_kv_tile's code enough that a CTA streaming 16 tiles took 20.6 us instead of 15.7.
@@ -444,13 +457,9 @@ __device__ __forceinline__ void store_new_row(const unsigned char* k_tile,
                                               const DecodeParams& p, int b, int kv_head, int pos,
                                               int tid) {
   using T = typename Cfg::T;
-  int64_t block = b;
-  int slot = pos;
-  if (p.block_table != nullptr) {
-    const int page = pos / p.page_size;
-    slot = pos - page * p.page_size;
-    block = p.block_table[static_cast<int64_t>(b) * p.max_blocks + page];
-  }
+  const CacheSlot at = cache_slot(p, b, pos);
+  const int64_t block = at.block;
+  const int slot = at.slot;
   if (tid < 2 * Cfg::kChunks) {
     const bool is_v = tid >= Cfg::kChunks;
     const int chunk = is_v ? tid - Cfg::kChunks : tid;
@@ -477,13 +486,9 @@ __device__ __forceinline__ void quantize_new_row(unsigned char* k_tile, unsigned
                kv_head * p.new_k_head_stride;
   const T* v = static_cast<const T*>(p.new_v) + b * p.new_v_batch_stride +
                kv_head * p.new_v_head_stride;
-  int64_t block = b;
-  int slot = pos;
-  if (p.block_table != nullptr) {
-    const int page = pos / p.page_size;
-    slot = pos - page * p.page_size;
-    block = p.block_table[static_cast<int64_t>(b) * p.max_blocks + page];
-  }
+  const CacheSlot at = cache_slot(p, b, pos);
+  const int64_t block = at.block;
+  const int slot = at.slot;
   Fp8* k_dst = static_cast<Fp8*>(const_cast<void*>(p.k_cache)) + block * p.k_batch_stride +
                slot * p.k_row_stride + kv_head * p.k_head_stride;
   Fp8* v_dst = static_cast<Fp8*>(const_cast<void*>(p.v_cache)) + block * p.v_batch_stride +
