@@ -51,7 +51,8 @@
 //     tile is zero-filled, then the CTA rotates the new K row in registers and quantises K and
 //     V as store_kvcache does (store_cache.cuh) into the tile and, in the first row block,
 //     into the cache. Q is rotated in shared memory by every CTA. Only the split whose tiles
-//     hold the new key ever reads it, so no other CTA waits for the write: rotary, the KV store and attention are one kernel, one launch.
+//     hold the new key ever reads it, so no other CTA waits for the write: rotary, the KV
+//     store and attention are one kernel, one launch.
 #pragma once
 
 #include <algorithm>
