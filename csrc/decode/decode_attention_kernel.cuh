@@ -124,8 +124,12 @@ struct DecodeConfig {
   // 757 tok/s, SmolLM2 shape 1407 -> 1248 (random weights). So bf16 keeps 64-key tiles. Those
   // tiles took 98 KB per CTA (3 stages), as the 6-stage build noted at stages() did, which slowed
   // the step too; in 2 stages (66 KB, the footprint of the 64-key tiles) the 1B step still lost
-  // (H100, commit 161b0ac: 813-815 -> 795-798 tok/s). Append layout: 64-key tiles, 32 at
-  // d = 256 to keep the shared memory of two stages under the budget.
+  // (H100, commit 161b0ac: 813-815 -> 795-798 tok/s). The fp8 tiles pay the same price there:
+  // 64-key fp8 tiles at d = 64 took the 1B decode on an fp8 cache from 702 to 814 tok/s but
+  // cost long rows 20-22% (1787 -> 1381 GB/s at 32:8 8 x 8k); one kernel holding both widths
+  // lost 13% of the bf16 engine (branch next/decode-dual-tiles; bench/results/
+  // engine_probes_h100.md, session 13). Append layout: 64-key tiles, 32 at d = 256 to keep the
+  // shared memory of two stages under the budget.
   static constexpr int kBlockN = kWarpsM == 1 ? (kFp8 ? 64 * (256 / kHeadDim) : 64)
                                               : (kHeadDim <= 128 ? 64 : 32);
   static constexpr int kWarpKeys = kBlockN / kWarpsN;
