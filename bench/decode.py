@@ -141,10 +141,12 @@ def _ember_providers(backends, head_dim, *, public):
                     v_scale=vs, backend=b))
         # The kernel alone, without the public function's validation (which reads
         # cache_seqlens and the block table back to the host): what the bars are judged on.
+        # Every sequence holds the full cache, so the length bound is the capacity.
         kernel = _registry.implementation(OP, backend)
         providers[f"ember-{backend}-kernel"] = (
             lambda q, kc, vc, lens, table, ks, vs, f=kernel:
-            f(q, kc, vc, lens, table, scale, causal, left, right, 0, None, ks, vs))
+            f(q, kc, vc, lens, table, scale, causal, left, right, 0,
+              kc.shape[1] * (1 if table is None else table.shape[1]), None, ks, vs))
     return providers
 
 

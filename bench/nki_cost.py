@@ -76,7 +76,8 @@ def _cases(quick: bool):
             4 * batch * 32 * context * 128,
             lambda kc=k_cache, vc=v_cache, t=table, n=lengths, qd=qd, s=splits:
                 decode_attention.flash_attn_with_kvcache(qd, kc, vc, n, t, 128 ** -0.5, True,
-                                                         -1, 0, s, None, None, None)))
+                                                         -1, 0, s, context, None, None,
+                                                         None)))
 
     m, kk, n = (256, 1024, 1024) if quick else (2048, 2048, 2048)
     x, w = randn(m, kk), randn(n, kk)

@@ -422,8 +422,10 @@ def split_programs(num_splits, paged, block_size, capacity):
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
-                            window_left, window_right, num_splits, tree_mask, k_scale, v_scale):
+                            window_left, window_right, num_splits, max_seqlen_k, tree_mask,
+                            k_scale, v_scale):
     """Backend ``"flash_attn_with_kvcache"`` (signature of ``ember.ops.attention``)."""
+    del max_seqlen_k  # one tile shape
     paged = block_table is not None
     block_size = k_cache.shape[1]
     heads_kv, head_dim = k_cache.shape[2], k_cache.shape[3]

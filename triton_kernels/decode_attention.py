@@ -209,7 +209,8 @@ def _tile_config(head_dim: int, packed_rows: int,
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
-                            window_left, window_right, num_splits, tree_mask, k_scale, v_scale):
+                            window_left, window_right, num_splits, max_seqlen_k, tree_mask,
+                            k_scale, v_scale):
     """Triton backend of ``ember.ops.flash_attn_with_kvcache`` (see ember.ops.attention for
     what the public function has already checked and resolved; new tokens are already in the
     cache, so this only reads it).
@@ -223,6 +224,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     seqlen_q])``.
     """
     del causal  # already folded into window_right by the public function
+    del max_seqlen_k  # one tile shape per configuration here
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
     group = heads_q // heads_kv

@@ -12,12 +12,13 @@ namespace ember {
 void bind_decode(py::module_& m) {
   m.def(
       "decode_tile_shape",
-      [](int head_dim, int packed_rows, bool fp8) {
-        const DecodeTileShape s = decode_tile_shape(head_dim, packed_rows, fp8);
+      [](int head_dim, int packed_rows, bool fp8, bool wide) {
+        const DecodeTileShape s = decode_tile_shape(head_dim, packed_rows, fp8, wide);
         return py::make_tuple(s.block_m, s.block_n);
       },
       "(block_m, block_n) of the flash_attn_with_kvcache kernel for a head dim, "
-      "(heads_q / heads_kv) * seqlen_q packed query rows and a 16-bit (fp8=False) or fp8 cache");
+      "(heads_q / heads_kv) * seqlen_q packed query rows, a 16-bit (fp8=False) or fp8 cache and "
+      "narrow or wide tiles (equal where the kernel has one width)");
 
   m.def(
       "flash_attn_with_kvcache",
@@ -29,7 +30,7 @@ void bind_decode(py::module_& m) {
          py::tuple out_strides, py::tuple lse_strides, py::tuple part_strides,
          py::tuple lse_part_strides,
          double softmax_scale, int window_left, int window_right, int dtype, int cache_dtype,
-         py::object new_token, intptr_t stream) {
+         bool wide_tiles, py::object new_token, intptr_t stream) {
         DecodeParams p{};
         p.q = ptr_arg<const void>(q);
         p.k_cache = ptr_arg<const void>(k_cache);
@@ -79,6 +80,7 @@ void bind_decode(py::module_& m) {
         p.softmax_scale = static_cast<float>(softmax_scale);
         p.window_left = window_left;
         p.window_right = window_right;
+        p.wide_tiles = wide_tiles;
         if (!new_token.is_none()) {
           // (new_k, new_v, (k batch, k head, v batch, v head strides), rotary_cos, rotary_sin,
           //  (cos, sin row strides), rotary_dim, rotary_rows, interleaved, float cos/sin)

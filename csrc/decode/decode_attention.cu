@@ -9,7 +9,7 @@
 
 namespace ember {
 
-DecodeTileShape decode_tile_shape(int head_dim, int packed_rows, bool fp8) {
+DecodeTileShape decode_tile_shape(int head_dim, int packed_rows, bool fp8, bool wide) {
   // The tile shape depends on the cache's element size, not on q's type: read it off the fp16
   // configs.
   const bool decode_layout = decode::decode_warps_m(packed_rows) == 1;
@@ -17,9 +17,11 @@ DecodeTileShape decode_tile_shape(int head_dim, int packed_rows, bool fp8) {
     constexpr int kD = decltype(head_dim_tag)::value;
     constexpr bool kF = decltype(fp8_tag)::value;
     using One = decode::DecodeConfig<__half, kD, 1, kF>;
+    using Wide = decode::DecodeConfig<__half, kD, 1, kF, true>;
     using Four = decode::DecodeConfig<__half, kD, 4, kF>;
-    return decode_layout ? DecodeTileShape{One::kBlockM, One::kBlockN}
-                         : DecodeTileShape{Four::kBlockM, Four::kBlockN};
+    if (!decode_layout) return DecodeTileShape{Four::kBlockM, Four::kBlockN};
+    return wide ? DecodeTileShape{Wide::kBlockM, Wide::kBlockN}
+                : DecodeTileShape{One::kBlockM, One::kBlockN};
   };
   auto for_dim = [&](auto head_dim_tag) {
     return fp8 ? shape(head_dim_tag, std::true_type{}) : shape(head_dim_tag, std::false_type{});

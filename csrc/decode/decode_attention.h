@@ -47,6 +47,8 @@ struct DecodeParams {
   // are clamped: the public op rejects them on the host, but inside a captured CUDA graph no
   // value is checked, and a bad length must not turn into reads past the cache.
   int capacity;
+  // Wide KV tiles (decode_tile_shape's wide shape; where it equals the narrow one, ignored).
+  bool wide_tiles;
   uint32_t page_div_mul, page_div_shift;  // key / page_size as (umulhi(key, mul) >> shift)
 
   int64_t q_batch_stride, q_row_stride, q_head_stride;
@@ -96,12 +98,13 @@ inline void set_page_size(DecodeParams& p, int page_size) {
 
 // Query rows (block_m) and keys (block_n) per tile of the kernel that serves head_dim with
 // `packed_rows` = (heads_q / heads_kv) * seqlen_q rows per (sequence, kv head), over a 16-bit or
-// an fp8 cache. Python plans the split-KV count in units of block_n keys and block_m-row
-// blocks, so both sides must agree.
+// an fp8 cache, with narrow or wide tiles (the same shape where no wide one exists). Python
+// plans the split-KV count in units of block_n keys and block_m-row blocks, so both sides must
+// agree.
 struct DecodeTileShape {
   int block_m, block_n;
 };
-DecodeTileShape decode_tile_shape(int head_dim, int packed_rows, bool fp8);
+DecodeTileShape decode_tile_shape(int head_dim, int packed_rows, bool fp8, bool wide);
 
 // Runs the attention kernel (with p.num_splits > 1, its last split per row block folds the
 // splits). dtype: code of q (fp16/bf16); cache_dtype: q's code or float8_e4m3fn. Throws

@@ -100,7 +100,23 @@ inline int decode_warps_m(int packed_rows) { return packed_rows <= kWarpRows ? 1
 // while one waits on a barrier or its softmax, the other's copies keep the memory busy.
 constexpr int kTwoPerSmBytes = 100 * 1024;
 
-template <typename T_, int kHeadDim_, int kWarpsM_, bool kFp8_>
+// Keys per KV tile of the decode layout, narrow or wide. Narrow: 64. Wide, where it differs:
+// 128 for 16-bit caches at d = 64 (the 128-byte rows of d = 128), and for fp8 caches the keys
+// of a 32 KB stage of K+V (256 at d = 64, 128 at d = 96 and 128), as bf16 has at d = 128. Wide
+// tiles stream long splits faster: the per-tile barriers and softmax bookkeeping of narrow ones
+// cost about as much as their bytes (H100: bf16 d=64 rows 32:8 32 x 4k 2684 -> 2850 GB/s, 9:3
+// 16 x 32k 2442 -> 2720). At a few hundred keys a decode kernel's time is a chain of dependent
+// round trips, and a wide tile lengthens every link (Llama-3.2-1B decode at 384 keys: bf16 64 ->
+// 128-key tiles 802 -> 757 tok/s; fp8 256 -> 64-key tiles 702 -> 814). So the host asks for
+// wide tiles only when each split streams many keys (ember.ops._cuda_decode), and the two widths
+// are two kernels: one kernel holding both, each row block picking from its lengths, ran the 1B
+// decode step at 704 tok/s against 805 (branch next/decode-dual-tiles). Append layout: 64-key
+// tiles, 32 at d = 256 to keep the shared memory of two stages under the budget.
+constexpr int decode_block_n(int head_dim, bool fp8, bool wide) {
+  return !wide ? 64 : fp8 ? 64 * (256 / head_dim) : (head_dim == 64 ? 128 : 64);
+}
+
+template <typename T_, int kHeadDim_, int kWarpsM_, bool kFp8_, bool kWide_ = false>
 struct DecodeConfig {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -112,25 +128,7 @@ struct DecodeConfig {
   static constexpr int kCacheRowBytes = kHeadDim * kElemBytes;
 
   static constexpr int kBlockM = kWarpRows * kWarpsM;
-  // Decode layout: 16 keys per warp and tile (the k16 step of P V), 64-key tiles; fp8 caches
-  // take as many keys as make a 32 KB stage of K+V, as bf16 has at d = 128 (128 keys at
-  // d = 128, 256 at d = 64): a 64-key fp8 tile is 8-16 KB, and the per-tile barriers and
-  // softmax bookkeeping would then cost as much as its bytes. bf16 at d = 64 has the same
-  // 128-byte rows as fp8 at d = 128, and 128-key tiles there measured 2399 -> 2638 GB/s at 32:8
-  // 8 x 8k and 2109 -> 2366 at 9:3 32 x 4k on an H100 (commit 716c6e7), but they slow the
-  // engine's decode, which runs that head dim at a few hundred keys: A/B on one H100 (graph-timed
-  // kernel, then single-stream decode of 256 tokens after a 128-token prompt), 64 -> 128 keys:
-  // 32:8 32 x 4k paged 2608 -> 2767 GB/s, 1 x 384 paged 126 -> 120 GB/s, Llama-3.2-1B 802 ->
-  // 757 tok/s, SmolLM2 shape 1407 -> 1248 (random weights). So bf16 keeps 64-key tiles. Those
-  // tiles took 98 KB per CTA (3 stages), as the 6-stage build noted at stages() did, which slowed
-  // the step too; in 2 stages (66 KB, the footprint of the 64-key tiles) the 1B step still lost
-  // (H100, commit 161b0ac: 813-815 -> 795-798 tok/s). The fp8 tiles pay the same price there:
-  // 64-key fp8 tiles at d = 64 took the 1B decode on an fp8 cache from 702 to 814 tok/s but
-  // cost long rows 20-22% (1787 -> 1381 GB/s at 32:8 8 x 8k); one kernel holding both widths
-  // lost 13% of the bf16 engine (branch next/decode-dual-tiles; bench/results/
-  // engine_probes_h100.md, session 13). Append layout: 64-key tiles, 32 at d = 256 to keep the
-  // shared memory of two stages under the budget.
-  static constexpr int kBlockN = kWarpsM == 1 ? (kFp8 ? 64 * (256 / kHeadDim) : 64)
+  static constexpr int kBlockN = kWarpsM == 1 ? decode_block_n(kHeadDim, kFp8, kWide_)
                                               : (kHeadDim <= 128 ? 64 : 32);
   static constexpr int kWarpKeys = kBlockN / kWarpsN;
   static constexpr int kNTiles = kWarpKeys / 8;  // n8 tiles of S per warp
@@ -1050,10 +1048,17 @@ void launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
                   "decode_attention_kernel", p);
 }
 
-// Instantiates the two warp layouts for one head dim, q dtype and cache kind.
+// Instantiates the warp layouts for one head dim, q dtype and cache kind, and the decode
+// layout's wide tiles where they differ from its narrow ones.
 template <typename T, int kHeadDim, bool kFp8>
 void run_decode(const DecodeParams& p, cudaStream_t stream) {
   if (decode_warps_m(p.heads_q / p.heads_kv * p.seqlen_q) == 1) {
+    if constexpr (decode_block_n(kHeadDim, kFp8, true) != decode_block_n(kHeadDim, kFp8, false)) {
+      if (p.wide_tiles) {
+        launch_decode_attention<DecodeConfig<T, kHeadDim, 1, kFp8, true>>(p, stream);
+        return;
+      }
+    }
     launch_decode_attention<DecodeConfig<T, kHeadDim, 1, kFp8>>(p, stream);
   } else {
     launch_decode_attention<DecodeConfig<T, kHeadDim, kWarps, kFp8>>(p, stream);

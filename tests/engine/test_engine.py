@@ -490,3 +490,27 @@ def test_mixtral_on_the_gpu(tmp_path):
     assert reference.stats()["cuda_graph_batch_sizes"] == []
     outs = generated(reference.generate(token_prompts(prompts), params, use_tqdm=False))
     assert [len(o) for o in outs] == [8] * 8
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_cuda_graphs_match_eager_across_the_short_context_boundary(tmp_path, kv_cache_dtype):
+    """Sequences that grow past SHORT_CONTEXT_KEYS move from the short-context graphs (narrow
+    decode tiles) to the full ones (wide tiles where each split is long) mid-generation, with
+    eager mode's tokens."""
+    from ember.engine.cuda_graphs import SHORT_CONTEXT_KEYS
+
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 65536}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = dict(load_format="dummy", dtype="bfloat16", device="cuda", max_num_seqs=4, seed=5,
+                num_kv_blocks=1024, kv_cache_dtype=kv_cache_dtype)
+    eager = ember.LLM(str(tmp_path), enforce_eager=True, async_scheduling=False, **args)
+    graphs = ember.LLM(str(tmp_path), **args)
+    graphs.model.load_state_dict(eager.model.state_dict())
+    lengths = [SHORT_CONTEXT_KEYS - 30, SHORT_CONTEXT_KEYS - 5, 40, SHORT_CONTEXT_KEYS + 300]
+    prompts = random_prompts(4, 1000, lengths, seed=21)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    assert generated(graphs.generate(prompts, params, use_tqdm=False)) == generated(
+        eager.generate(prompts, params, use_tqdm=False))

@@ -7,6 +7,7 @@ float32 (upcast=True), relative to the reference run in the input dtype (upcast=
 cache after new K/V are written must equal the reference's exactly.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -50,6 +51,7 @@ class Case(NamedTuple):
     # Rotary of the new tokens: None, "neox" (halves), "gptj" (interleaved pairs) or
     # "neox-partial-f32" (half the head dim rotates, float32 cos/sin).
     rotary: str | None = None
+    max_seqlen_k: int | None = None  # the tile-width hint (None: the lengths read back)
 
 
 def _random_tree_mask(batch, n, device):
@@ -151,7 +153,8 @@ def check_kvcache_attention(case: Case, dtype, backend, device):
     ref_out, ref_lse = reference.flash_attn_with_kvcache(**ref_args, return_lse=True)
     lowp_out, lowp_lse = reference.flash_attn_with_kvcache(**lowp_args, return_lse=True,
                                                            upcast=False)
-    out, lse = ember.ops.flash_attn_with_kvcache(**args, return_lse=True, backend=backend)
+    out, lse = ember.ops.flash_attn_with_kvcache(**args, return_lse=True, backend=backend,
+                                                 max_seqlen_k=case.max_seqlen_k)
 
     # Writing the new tokens is data movement: exact, and nothing else in the cache changes.
     # A rotated k is exact too where the rotation is ember's CUDA rounding (the reference's);
@@ -299,6 +302,31 @@ GPU_CASES = {
     "b7-rotary-sq4-causal-paged16": Case(batch=7, cache_lens=(257, 4096), heads=(9, 3),
                                          seqlen_q=4, causal=True, block_size=16,
                                          rotary="neox"),
+    # Splits of >= 1024 keys: the CUDA kernel's wide tiles (d = 64: 128 keys at 16 bits, 256 in
+    # fp8; d = 96 fp8: 128), short sequences in the same launch, the fused new token, a window
+    # whose start is not tile-aligned, tree queries; and a bound far below the lengths (narrow
+    # tiles over long sequences: the hint is for speed only).
+    "b7-wide-tiles-rotary-paged16": Case(batch=7, cache_lens=(383, 0, 16383, 64, 1),
+                                         heads=(32, 8), causal=True, block_size=16,
+                                         rotary="neox"),
+    "b7-fp8-wide-tiles-rotary-paged16": Case(batch=7, cache_lens=(383, 0, 16383, 64, 1),
+                                             heads=(32, 8), causal=True, block_size=16,
+                                             rotary="neox", fp8=True),
+    "b2-wide-tiles-window-splits4": Case(batch=2, cache_lens=(33000, 2000), heads=(9, 3),
+                                         window=(5000, -1), causal=True, num_splits=4),
+    "b3-wide-tiles-sq4-tree-paged32": Case(batch=3, cache_lens=(5000, 1, 3000), heads=(32, 8),
+                                           seqlen_q=4, tree=True, block_size=32, num_splits=2),
+    "b3-fp8-wide-tiles-sq4-tree-paged32": Case(batch=3, cache_lens=(5000, 1, 3000),
+                                               heads=(32, 8), seqlen_q=4, tree=True,
+                                               block_size=32, num_splits=2, fp8=True),
+    "b2-fp8-wide-tiles-d96-window": Case(batch=2, cache_lens=(9000, 700), heads=(9, 3),
+                                         head_dim=96, window=(4000, -1), causal=True,
+                                         num_splits=2, fp8=True),
+    "b2-narrow-hint-long-rotary-paged16": Case(batch=2, cache_lens=(33000, 17), heads=(32, 8),
+                                               causal=True, block_size=16, rotary="neox",
+                                               max_seqlen_k=1),
+    "b2-fp8-narrow-hint-long": Case(batch=2, cache_lens=(33000, 17), heads=(9, 3), fp8=True,
+                                    max_seqlen_k=100),
 }
 
 
@@ -375,8 +403,8 @@ def test_kvcache_kernels_clamp_lengths_past_the_cache(backend, device, paged):
     v_cache = torch.randn_like(k_cache)
     lengths = torch.tensor([1 << 30, capacity + 1, 50], device=device, dtype=torch.int32)
     kernel = _registry.implementation("flash_attn_with_kvcache", backend)
-    out, _ = kernel(q, k_cache, v_cache, lengths, table, 0.125, False, -1, -1, 0, None, None,
-                    None)
+    out, _ = kernel(q, k_cache, v_cache, lengths, table, 0.125, False, -1, -1, 0, capacity,
+                    None, None, None)
     clamped = lengths.clamp(max=capacity)
     ref = reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=clamped,
                                             block_table=table, softmax_scale=0.125)
@@ -437,6 +465,8 @@ def _fp8_without_scales(a):
     (lambda a: a.update(tree_mask=torch.ones(2, 1, 1, dtype=torch.bool), causal=True),
      ValueError, "tree_mask replaces the causal mask"),
     (lambda a: a.update(num_splits=-1), ValueError, "num_splits must be >= 0"),
+    (lambda a: a.update(max_seqlen_k=0), ValueError, "max_seqlen_k must be > 0"),
+    (lambda a: a.update(max_seqlen_k=2.5), TypeError, "max_seqlen_k must be an int"),
     (lambda a: a.update(window_size=(-2, 0)), ValueError, "window_size left"),
 ])
 def test_kvcache_attention_errors(mutate, error, match):
@@ -555,6 +585,28 @@ def test_split_plan_invariants(num_sms, batch, heads_kv, max_len):
     # Never launch many more programs than the GPU runs at once only to split further.
     if plan.num_splits > 1:
         assert work * plan.num_splits <= 2 * _split_kv.PROGRAMS_PER_SM * num_sms
+
+
+def test_cuda_plan_takes_wide_tiles_only_for_long_splits():
+    """The CUDA decode launch takes wide tiles when the longest sequence gives each split of the
+    capacity's plan WIDE_TILE_MIN_KEYS_PER_SPLIT keys, and only where a wide shape exists; the
+    split count never depends on the lengths (one CUDA graph serves them all)."""
+    from ember.ops import _cuda_decode, _ext
+
+    if _ext.load_extension() is None:
+        pytest.skip("needs ember._C")
+    plan = functools.partial(_cuda_decode._launch_plan.__wrapped__, 132)
+    # (batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, num_splits, fp8, max_seqlen_k)
+    long = plan(1, 1, 32, 8, 64, 131072, 0, False, 131072)
+    short = plan(1, 1, 32, 8, 64, 131072, 0, False, 384)  # the engine's decode, 1B shape
+    assert long[2] and not short[2] and long[:2] == short[:2]
+    assert plan(1, 1, 32, 8, 64, 131072, 0, True, 131072)[2]  # fp8: 256-key tiles
+    assert not plan(1, 1, 32, 8, 64, 131072, 0, True, 1024)[2]
+    assert plan(2, 1, 9, 3, 64, 33001, 4, False, 33001)[2]  # forced splits of 8k keys
+    assert not plan(2, 1, 9, 3, 64, 33001, 64, False, 33001)[2]  # splits of 516 keys
+    assert not plan(1, 1, 32, 8, 128, 131072, 0, False, 131072)[2]  # bf16 d = 128: one width
+    assert plan(1, 1, 32, 8, 128, 131072, 0, True, 131072)[2]  # fp8 d = 128: 128-key tiles
+    assert not plan(1, 65, 16, 16, 64, 131072, 0, False, 131072)[2]  # the append layout
 
 
 def test_split_plan_fills_the_gpu_for_long_single_sequences():

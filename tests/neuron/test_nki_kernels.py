@@ -139,8 +139,8 @@ def test_decode(case, dtype):
     scale = d ** -0.5
     right = 0 if causal else window[1]
     out, lse = decode_attention.flash_attn_with_kvcache(
-        q, k_cache, v_cache, lengths, table, scale, causal, window[0], right, splits, None,
-        None, None)
+        q, k_cache, v_cache, lengths, table, scale, causal, window[0], right, splits, capacity,
+        None, None, None)
     kwargs = dict(cache_seqlens=lengths, block_table=table, softmax_scale=scale, causal=causal,
                   window_size=window)
     ref, ref_lse = reference.flash_attn_with_kvcache(q, k_cache, v_cache, return_lse=True,
@@ -196,7 +196,8 @@ def test_decode_rejects_caches_past_fp32_exact_slots():
     table = torch.zeros(1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="at most 16777216 cache slots"):
         decode_attention.flash_attn_with_kvcache(q, huge, huge, torch.ones(1, dtype=torch.int32),
-                                                 table, 0.125, True, -1, 0, 0, None, None, None)
+                                                 table, 0.125, True, -1, 0, 0, 16, None, None,
+                                                 None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,12 +1,18 @@
 """CUDA graphs of the decode step: model, LM head and sampling replayed as one launch.
 
 A decode-only step of ``n`` sequences replays the graph captured for the smallest batch size
-``>= n``; the extra rows are padding: sequences of no cached key whose one new K/V row goes to a
-scratch KV block that no sequence owns. The step's inputs (token ids and positions; cached key
-counts; sampling parameters; block table rows) are static device tensors, filled from a pinned
-host mirror by one ``ember.ops.multi_copy`` kernel that reads only the rows and columns the step
-uses; what comes back is the sampled token ids on the device (sampled outside the graph, from
-its logits, for the rare step whose sampling needs host-side edits).
+``>= n`` and its length bucket; the extra rows are padding: sequences of no cached key whose one
+new K/V row goes to a scratch KV block that no sequence owns. The buckets are steps whose keys
+all fit in ``SHORT_CONTEXT_KEYS`` and the others: the decode attention kernel streams long
+splits in wide KV tiles and short ones in narrow tiles, and inside a graph it cannot read the
+lengths, so each bucket's graph is captured with its bound (``max_seqlen_k``). Both keep the
+full block table, hence the split plan of the cache's capacity.
+
+The step's inputs (token ids and positions; cached key counts; sampling parameters; block table
+rows) are static device tensors, filled from a pinned host mirror by one ``ember.ops.multi_copy``
+kernel that reads only the rows and columns the step uses; what comes back is the sampled token
+ids on the device (sampled outside the graph, from its logits, for the rare step whose sampling
+needs host-side edits).
 """
 
 import time
@@ -19,6 +25,9 @@ from ember.engine.block_manager import block_tables
 from ember.engine.sampler import fill_sampling_rows, sample_rows
 from ember.models.attention import AttentionMetadata
 
+# Keys (cached + the new one) up to which a step replays the short-context graphs.
+SHORT_CONTEXT_KEYS = 1024
+
 
 def graph_batch_sizes(max_num_seqs: int) -> list:
     """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (at most 512)."""
@@ -29,10 +38,13 @@ def graph_batch_sizes(max_num_seqs: int) -> list:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, sampler, *, max_num_seqs: int, max_blocks_per_seq: int,
-                 scratch_block: int, device):
+                 block_size: int, scratch_block: int, device):
         self.model, self.kv_caches, self.sampler = model, kv_caches, sampler
         self.scratch_block = scratch_block
         self.sizes = graph_batch_sizes(max_num_seqs)
+        # Length bounds of the buckets (None: the capacity).
+        self.bounds = ([SHORT_CONTEXT_KEYS] if max_blocks_per_seq * block_size > SHORT_CONTEXT_KEYS
+                       else []) + [None]
         largest = self.sizes[-1]
         # Static inputs. tokens: rows (input ids, positions); seqlens: cached keys (=
         # positions); floats/ints: the sampling rows of sampler.py. Until a step fills them,
@@ -52,14 +64,15 @@ class DecodeGraphs:
                       for name, (dtype, shape) in shapes.items()}
             self.host_inputs.append((pinned, {name: t.numpy() for name, t in pinned.items()}))
         self._turn = 0
-        self.graphs: dict = {}  # size -> (graph, logits, token ids)
+        self.graphs: dict = {}  # (size, bound) -> (graph, logits, token ids)
         start = time.perf_counter()
         self._capture()
         self.capture_seconds = time.perf_counter() - start
 
-    def _step(self, size: int):
+    def _step(self, size: int, bound: int | None):
         meta = AttentionMetadata(num_decodes=size, decode_cache_seqlens=self.seqlens[:size],
-                                 decode_block_table=self.block_table[:size])
+                                 decode_block_table=self.block_table[:size],
+                                 decode_max_seqlen_k=bound)
         hidden = self.model(self.tokens[0, :size], self.tokens[1, :size], meta, self.kv_caches)
         logits = self.model.compute_logits(hidden)
         return logits, sample_rows(logits, self.floats[:, :size], self.ints[:, :size],
@@ -67,27 +80,27 @@ class DecodeGraphs:
 
     def _capture(self) -> None:
         pool = None
-        for size in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
+        # Largest first: smaller graphs reuse its pool.
+        for size, bound in [(s, b) for s in reversed(self.sizes) for b in self.bounds]:
             with torch.inference_mode():
-                self._step(size)  # warm-up outside capture: lazy initialisation, autotuning
+                self._step(size, bound)  # warm-up outside capture: lazy init, autotuning
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 try:
                     with torch.cuda.graph(graph, pool=pool):
-                        logits, token_ids = self._step(size)
+                        logits, token_ids = self._step(size, bound)
                 except RuntimeError as e:
                     raise RuntimeError(
                         f"capturing the decode CUDA graph (batch {size}) failed: {e}; an op "
                         f"synchronises with the host inside the model. Pass enforce_eager=True "
                         f"to run without CUDA graphs.") from e
             pool = graph.pool()
-            self.graphs[size] = (graph, logits, token_ids)
-        self.graphs = dict(sorted(self.graphs.items()))
+            self.graphs[size, bound] = (graph, logits, token_ids)
         torch.cuda.synchronize()
 
     def size_for(self, batch_size: int) -> int | None:
         """The smallest captured batch size that fits ``batch_size`` decodes, if any."""
-        return next((s for s in self.graphs if s >= batch_size), None)
+        return next((s for s in self.sizes if s >= batch_size), None)
 
     def run(self, seqs: list, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Launch one decode step of ``seqs`` (each computes its last token); returns their
@@ -125,7 +138,9 @@ class DecodeGraphs:
             dsts += [self.tokens[1, :size], self.tokens[0, :n]]
             srcs += [pinned["tokens"][1, :size], input_ids]
         ops.multi_copy(dsts, srcs)
-        graph, logits, token_ids = self.graphs[size]
+        keys = int(positions.max()) + 1  # the longest sequence's, its new token included
+        bound = next(b for b in self.bounds if b is None or keys <= b)
+        graph, logits, token_ids = self.graphs[size, bound]
         graph.replay()
         if self.sampler.needs_logit_edits(seqs):
             return self.sampler(logits[:n].clone(), seqs)

@@ -268,7 +268,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, self.sampler, max_num_seqs=config.max_num_seqs,
                 max_blocks_per_seq=-(-max_model_len // config.block_size),
-                scratch_block=num_blocks, device=self.device)
+                block_size=config.block_size, scratch_block=num_blocks, device=self.device)
         if self.device.type == "cuda":
             # Pinned landing buffers of the sampled ids and their ready events, two used in
             # turn: at most two launched steps are unread at once (async scheduling). A
@@ -282,7 +282,7 @@ class ModelRunner:
 
     @property
     def graph_batch_sizes(self) -> list:
-        return sorted(self.graphs.graphs) if self.graphs else []
+        return list(self.graphs.sizes) if self.graphs else []
 
     @property
     def graph_capture_seconds(self) -> float:

@@ -44,6 +44,8 @@ class AttentionMetadata:
     decode_cache_seqlens: int32 ``[num_decodes]``, cached keys before each decode's own token
         (its position).
     decode_block_table: int32 ``[num_decodes, max_blocks]``.
+    decode_max_seqlen_k: a bound on each decode's keys (its own included), or None: the decode
+        attention kernel picks its tile width from it (CUDA graphs are captured per bound).
     chunks: per prompt chunk, host ints ``(first row, num_tokens, keys it attends to)``; the
         keys are the sequence's tokens up to and including the chunk's last.
     chunk_block_table: int32 ``[num_chunks, max_blocks]``.
@@ -56,6 +58,7 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_cache_seqlens: torch.Tensor | None = None
     decode_block_table: torch.Tensor | None = None
+    decode_max_seqlen_k: int | None = None
     chunks: list = field(default_factory=list)
     chunk_block_table: torch.Tensor | None = None
     chunk_tree_masks: list = field(default_factory=list)
@@ -85,7 +88,7 @@ def paged_attention(positions, q, k, v, cache: KVCache, cos_sin_cache,
             q[:nd, None], cache.k, cache.v, k=k[:nd, None], v=v[:nd, None],
             cache_seqlens=meta.decode_cache_seqlens, block_table=meta.decode_block_table,
             rotary_cos=cos_sin_cache[:, :half], rotary_sin=cos_sin_cache[:, half:],
-            rotary_interleaved=False, **common)
+            rotary_interleaved=False, max_seqlen_k=meta.decode_max_seqlen_k, **common)
         parts.append(out[:, 0])
     if meta.chunks:
         # One kernel rotates q and k and writes k and v into their cache slots.

@@ -22,7 +22,8 @@ from ember.ops._validation import with_16b_aligned_rows
 
 def flash_attn_with_kvcache_append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
                                    rotary_interleaved, cache_seqlens, block_table, softmax_scale,
-                                   window_left, window_right, num_splits, k_scale, v_scale):
+                                   window_left, window_right, num_splits, max_seqlen_k, k_scale,
+                                   v_scale):
     """CUDA backend of ``flash_attn_with_kvcache`` with one new token per sequence (the fused
     path, ``ember.ops.attention.FUSED_APPEND``): q ``[batch, 1, heads_q, d]``, k/v ``[batch, 1,
     heads_kv, d]`` and a cache in q's dtype, or fp8 with its ``k_scale``/``v_scale``;
@@ -40,12 +41,12 @@ def flash_attn_with_kvcache_append(q, k_cache, v_cache, k, v, rotary_cos, rotary
                  *(rotary or (0, 0, (0, 0), 0, 0, False, False)))
     return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
                                    softmax_scale, True, window_left, window_right, num_splits,
-                                   None, k_scale, v_scale, new_token=new_token)
+                                   max_seqlen_k, None, k_scale, v_scale, new_token=new_token)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
-                            window_left, window_right, num_splits, tree_mask, k_scale, v_scale,
-                            new_token=None):
+                            window_left, window_right, num_splits, max_seqlen_k, tree_mask,
+                            k_scale, v_scale, new_token=None):
     """CUDA backend of ``ember.ops.flash_attn_with_kvcache``. Without ``new_token`` the new
     tokens are already in the cache and the caches are only read.
 
@@ -58,6 +59,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         softmax_scale, window_left, window_right: resolved; ``causal`` arrives folded into
             ``window_right == 0`` and is not used again.
         num_splits: 0 plans the split-KV count, > 0 is honoured.
+        max_seqlen_k: a bound on seqlens_k (at most the capacity); it picks the tile width.
         tree_mask: bool ``[batch, seqlen_q, seqlen_q]`` (contiguous) or None.
         k_scale, v_scale: float32 one-element tensors for fp8 caches, else None.
         new_token: the launch arguments of a new token the kernel writes and attends to, as
@@ -73,9 +75,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     heads_kv = k_cache.shape[2]
     paged = block_table is not None
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
-    splits, m_blocks = _launch_plan(sm_count(q.device), batch, seqlen_q, heads_q, heads_kv,
-                                    head_dim, capacity, num_splits,
-                                    k_cache.dtype == torch.float8_e4m3fn)
+    splits, m_blocks, wide = _launch_plan(sm_count(q.device), batch, seqlen_q, heads_q, heads_kv,
+                                          head_dim, capacity, num_splits,
+                                          k_cache.dtype == torch.float8_e4m3fn, max_seqlen_k)
 
     q, k_cache, v_cache = (with_16b_aligned_rows(t) for t in (q, k_cache, v_cache))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -100,20 +102,36 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         out_part.stride()[:4] if out_part is not None else (0, 0, 0, 0),
         lse_part.stride()[:3] if lse_part is not None else (0, 0, 0),
         softmax_scale, window_left, window_right,
-        _ext.dtype_code(q), _ext.dtype_code(k_cache), new_token, stream)
+        _ext.dtype_code(q), _ext.dtype_code(k_cache), wide, new_token, stream)
     return out, lse
+
+
+# Wide KV tiles when each split streams at least this many keys of the longest sequence
+# (csrc/decode DecodeConfig has the measurements). H100, Llama-3.2-1B shape at batch 1 (32
+# splits over a 131072-key cache), one fused decode call (graph of 20), same machine: fp8 at
+# 1024 keys 9.06 us in 64-key tiles, 9.70 in 256-key ones; at 4096 keys 12.13 against 10.31.
+WIDE_TILE_MIN_KEYS_PER_SPLIT = 1024
 
 
 @functools.lru_cache(maxsize=1024)
 def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, num_splits,
-                 fp8):
-    """``(split count, row blocks per (sequence, kv head))`` of a decode launch, from shapes."""
+                 fp8, max_seqlen_k):
+    """``(split count, row blocks per (sequence, kv head), wide tiles)`` of a decode launch.
+
+    The split count comes from the capacity, in narrow tiles, whatever the lengths: a CUDA
+    graph captured for one length bound replays the same plan as any other, and a split
+    without keys leaves at once. Wide tiles are taken when, with that split count, the longest
+    sequence (``max_seqlen_k``) gives each split WIDE_TILE_MIN_KEYS_PER_SPLIT keys or more."""
+    ext = _ext.load_extension()
     packed_rows = heads_q // heads_kv * seqlen_q
-    block_m, block_n = _ext.load_extension().decode_tile_shape(head_dim, packed_rows, fp8)
+    block_m, block_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, False)
     m_blocks = math.ceil(packed_rows / block_m)
     plan = plan_splits(num_sms, batch, heads_kv, capacity, block_n, num_splits=num_splits,
                        m_blocks=m_blocks)
-    return plan.num_splits, m_blocks
+    wide_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, True)[1]
+    wide = (wide_n != block_n and
+            math.ceil(max_seqlen_k / plan.num_splits) >= WIDE_TILE_MIN_KEYS_PER_SPLIT)
+    return plan.num_splits, m_blocks, wide
 
 
 # Split-KV arrival counters (one per (sequence, kv head, row block)), per (device, stream).

@@ -24,10 +24,13 @@ new contiguous tensor shaped and typed like q, ``lse`` a new contiguous float32 
 - ``"flash_attn_varlen_func.paged"``: the same arguments followed by ``block_table``; k/v are
   then paged caches ``[num_blocks, block_size, heads_kv, d]``.
 - ``"flash_attn_with_kvcache"``: ``f(q, k_cache, v_cache, seqlens_k, block_table,
-  softmax_scale, causal, window_left, window_right, num_splits, tree_mask, k_scale, v_scale)``.
-  New k/v are already in the cache (the public function writes them through ``store_kvcache``),
-  so this is read-only; ``seqlens_k`` (int32 ``[batch]``) counts all keys to attend to;
-  ``block_table``, ``tree_mask``, ``k_scale``, ``v_scale`` may be None.
+  softmax_scale, causal, window_left, window_right, num_splits, max_seqlen_k, tree_mask,
+  k_scale, v_scale)``. New k/v are already in the cache (the public function writes them
+  through ``store_kvcache``), so this is read-only; ``seqlens_k`` (int32 ``[batch]``) counts all
+  keys to attend to; ``max_seqlen_k`` (int, at most the capacity) bounds them for choosing a
+  tile shape, never for correctness: split plans come from the capacity, so that a CUDA graph
+  captured once serves every length; ``block_table``, ``tree_mask``, ``k_scale``, ``v_scale``
+  may be None.
 - ``"merge_attn_states"``: ``f(out_a, lse_a, out_b, lse_b)``.
 
 What a kernel backend may assume (anything else goes to the torch backend under "auto", or is
@@ -204,7 +207,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
                             block_table=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), num_splits=0, return_lse=False, tree_mask=None,
                             k_scale=None, v_scale=None, rotary_cos=None, rotary_sin=None,
-                            rotary_interleaved=True, *, backend="auto"):
+                            rotary_interleaved=True, *, max_seqlen_k=None, backend="auto"):
     """Attention of new queries over a KV cache: decode, append and chunked prefill
     (flash-attn's ``flash_attn_with_kvcache``, plus tree masks and fp8 caches).
 
@@ -240,6 +243,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
             features of each head rotate, the rest pass through.
         rotary_interleaved: True pairs features ``(2i, 2i + 1)`` (GPT-J); False pairs ``i``
             with ``i + rotary_dim / 2`` (GPT-NeoX, Llama). flash-attn's default.
+        max_seqlen_k: optional int >= 1, a bound on ``cache_seqlens + seqlen_new`` over the
+            batch, for speed only (any value gives the same result): the CUDA kernel streams
+            long splits in wide KV tiles, short ones in narrow tiles. None: the largest length
+            where the host reads ``cache_seqlens`` (eager calls), else the cache capacity
+            (e.g. inside CUDA-graph capture, where a caller that knows its lengths passes them).
         backend: "auto", "cuda", "triton" or "torch".
 
     Returns:
@@ -325,6 +333,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     scale, causal, left, right = _check_options(op, softmax_scale, causal, window_size, head_dim)
     check_positive_int(op, "num_splits", num_splits, allow_zero=True)
     check_bool(op, "return_lse", return_lse)
+    if max_seqlen_k is None:
+        lengths_known = lengths_on_device or not torch.is_tensor(cache_seqlens)
+        max_seqlen_k = cached_max + num_new if lengths_known and batch else capacity
+    else:
+        check_positive_int(op, "max_seqlen_k", max_seqlen_k)
+    max_seqlen_k = max(1, min(max_seqlen_k, capacity))
     if tree_mask is not None:
         check_tensor(op, "tree_mask", tree_mask, dtypes=(torch.bool,),
                      shape=(batch, seqlen_q, seqlen_q), device=dev, contiguous=True)
@@ -347,7 +361,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         # One kernel: rotate, store, attend (the cache is written in place).
         out, lse = torch.ops.ember.flash_attn_with_kvcache_append(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, bool(rotary_interleaved),
-            seqlens, block_table, scale, left, right, num_splits, k_scale, v_scale, chosen)
+            seqlens, block_table, scale, left, right, num_splits, max_seqlen_k, k_scale, v_scale,
+            chosen)
         return (out, lse) if return_lse else out
     if rotary:
         q, k = _rotate_new_tokens(q, k, rotary_cos, rotary_sin, rotary_interleaved, seqlens,
@@ -356,7 +371,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         _append_new_kv(k, v, k_cache, v_cache, seqlens, block_table, k_scale, v_scale, chosen)
         seqlens = seqlens + num_new
     args = (q, k_cache, v_cache, seqlens, block_table, scale, causal, left, right, num_splits,
-            tree_mask, k_scale, v_scale, chosen)
+            max_seqlen_k, tree_mask, k_scale, v_scale, chosen)
     if q.numel() == 0:
         out, lse = _flash_attn_kvcache_fake(*args)
     else:
@@ -617,28 +632,30 @@ def _flash_attn_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 def _flash_attn_kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            seqlens_k: torch.Tensor, block_table: torch.Tensor | None,
                            softmax_scale: float, causal: bool, window_left: int,
-                           window_right: int, num_splits: int, tree_mask: torch.Tensor | None,
-                           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                           window_right: int, num_splits: int, max_seqlen_k: int,
+                           tree_mask: torch.Tensor | None, k_scale: torch.Tensor | None,
+                           v_scale: torch.Tensor | None,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _registry.implementation("flash_attn_with_kvcache", backend)(
         q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal, window_left,
-        window_right, num_splits, tree_mask, k_scale, v_scale)
+        window_right, num_splits, max_seqlen_k, tree_mask, k_scale, v_scale)
 
 
 @_flash_attn_kvcache_op.register_fake
 def _flash_attn_kvcache_fake(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
-                             window_left, window_right, num_splits, tree_mask, k_scale, v_scale,
-                             backend):
+                             window_left, window_right, num_splits, max_seqlen_k, tree_mask,
+                             k_scale, v_scale, backend):
     batch, seqlen_q, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
 
 
 # Decode with new tokens in one kernel (rotate, store, attend): a backend registered under this
 # name takes f(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved,
-# cache_seqlens, block_table, softmax_scale, window_left, window_right, num_splits, k_scale,
-# v_scale) with seqlen_q = seqlen_new = 1 and a cache in q's dtype or fp8 (then quantised on
-# write as store_kvcache does), writes k/v at cache_seqlens and returns (out, lse) over
-# cache_seqlens + 1 keys; rotary_cos/rotary_sin, k_scale/v_scale (16-bit caches) may be None.
+# cache_seqlens, block_table, softmax_scale, window_left, window_right, num_splits,
+# max_seqlen_k, k_scale, v_scale) with seqlen_q = seqlen_new = 1 and a cache in q's dtype or
+# fp8 (then quantised on write as store_kvcache does), writes k/v at cache_seqlens and returns
+# (out, lse) over cache_seqlens + 1 keys; rotary_cos/rotary_sin, k_scale/v_scale (16-bit
+# caches) may be None.
 FUSED_APPEND = "flash_attn_with_kvcache.append"
 
 
@@ -649,17 +666,18 @@ def _flash_attn_kvcache_append_op(
         v: torch.Tensor, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
         rotary_interleaved: bool, cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
         softmax_scale: float, window_left: int, window_right: int, num_splits: int,
-        k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+        max_seqlen_k: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _registry.implementation(FUSED_APPEND, backend)(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
-        block_table, softmax_scale, window_left, window_right, num_splits, k_scale, v_scale)
+        block_table, softmax_scale, window_left, window_right, num_splits, max_seqlen_k, k_scale,
+        v_scale)
 
 
 @_flash_attn_kvcache_append_op.register_fake
 def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
-      block_table, softmax_scale, window_left, window_right, num_splits, k_scale, v_scale,
-      backend):
+      block_table, softmax_scale, window_left, window_right, num_splits, max_seqlen_k, k_scale,
+      v_scale, backend):
     batch, seqlen_q, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
 
@@ -692,7 +710,9 @@ def _flash_attn_varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
 
 def _flash_attn_kvcache_torch(q, k_cache, v_cache, seqlens_k, block_table, softmax_scale, causal,
-                              window_left, window_right, num_splits, tree_mask, k_scale, v_scale):
+                              window_left, window_right, num_splits, max_seqlen_k, tree_mask,
+                              k_scale, v_scale):
+    del max_seqlen_k  # a tile-shape hint; the reference has no tiles
     return reference.flash_attn_with_kvcache(
         q, k_cache, v_cache, cache_seqlens=seqlens_k, block_table=block_table,
         softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
