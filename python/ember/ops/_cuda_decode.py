@@ -106,11 +106,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     return out, lse
 
 
-# Wide KV tiles when each split streams at least this many keys of the longest sequence
-# (csrc/decode DecodeConfig has the measurements). H100, Llama-3.2-1B shape at batch 1 (32
-# splits over a 131072-key cache), one fused decode call (graph of 20), same machine: fp8 at
-# 1024 keys 9.06 us in 64-key tiles, 9.70 in 256-key ones; at 4096 keys 12.13 against 10.31.
-WIDE_TILE_MIN_KEYS_PER_SPLIT = 1024
+# Wide KV tiles when each split streams at least this many of them for the longest sequence
+# (csrc/decode DecodeConfig has the measurements). Short splits keep narrow tiles: at the
+# Llama-3.2-1B decode shape (batch 1, 32 splits of a 131072-key cache, 1024 keys, so 32 keys a
+# split) one fused fp8 call took 9.06 us in 64-key tiles and 9.70 in 256-key ones (H100, graph of
+# 20); with 4096 keys 12.13 against 10.31. Long splits gain: H100, 9:3 d = 64 bf16, 32 x 4096
+# keys (5 splits of 820 keys, 6.4 wide tiles each) streamed 2098 GB/s in 64-key tiles and 2396 in
+# 128-key ones (same machine), a row that the earlier rule (1024 keys a split) left narrow.
+WIDE_TILES_PER_SPLIT = 4
 
 
 @functools.lru_cache(maxsize=1024)
@@ -121,7 +124,7 @@ def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity
     The split count comes from the capacity, in narrow tiles, whatever the lengths: a CUDA
     graph captured for one length bound replays the same plan as any other, and a split
     without keys leaves at once. Wide tiles are taken when, with that split count, the longest
-    sequence (``max_seqlen_k``) gives each split WIDE_TILE_MIN_KEYS_PER_SPLIT keys or more."""
+    sequence (``max_seqlen_k``) gives each split WIDE_TILES_PER_SPLIT wide tiles or more."""
     ext = _ext.load_extension()
     packed_rows = heads_q // heads_kv * seqlen_q
     block_m, block_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, False)
@@ -130,7 +133,7 @@ def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity
                        m_blocks=m_blocks)
     wide_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, True)[1]
     wide = (wide_n != block_n and
-            math.ceil(max_seqlen_k / plan.num_splits) >= WIDE_TILE_MIN_KEYS_PER_SPLIT)
+            math.ceil(max_seqlen_k / plan.num_splits) >= WIDE_TILES_PER_SPLIT * wide_n)
     return plan.num_splits, m_blocks, wide
 
 
