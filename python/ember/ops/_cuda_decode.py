@@ -106,14 +106,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     return out, lse
 
 
-# Wide KV tiles when each split streams at least this many of them for the longest sequence
-# (csrc/decode DecodeConfig has the measurements). Short splits keep narrow tiles: at the
-# Llama-3.2-1B decode shape (batch 1, 32 splits of a 131072-key cache, 1024 keys, so 32 keys a
-# split) one fused fp8 call took 9.06 us in 64-key tiles and 9.70 in 256-key ones (H100, graph of
-# 20); with 4096 keys 12.13 against 10.31. Long splits gain: H100, 9:3 d = 64 bf16, 32 x 4096
-# keys (5 splits of 820 keys, 6.4 wide tiles each) streamed 2098 GB/s in 64-key tiles and 2396 in
-# 128-key ones (same machine), a row that the earlier rule (1024 keys a split) left narrow.
-WIDE_TILES_PER_SPLIT = 4
+# Wide KV tiles when each split streams at least this many keys of the longest sequence, by
+# cache element size (csrc/decode DecodeConfig has the measurements; H100, same machine each):
+# - short splits keep narrow tiles: at the Llama-3.2-1B decode shape (batch 1, 32 splits of a
+#   131072-key cache, 1024 keys, so 32 keys a split) one fused fp8 call took 9.06 us in 64-key
+#   tiles and 9.70 in 256-key ones (graph of 20); with 4096 keys 12.13 against 10.31;
+# - 16-bit, 9:3 d = 64, 32 x 4096 keys (5 splits of 820 keys): 2094 GB/s in 64-key tiles, 2391
+#   in 128-key ones;
+# - fp8 at the same shape but d = 128 (64 against 128 keys): 1890 against 1798 GB/s, while fp8
+#   9:3 d = 64 at 1 x 131072 (82 splits of 1599 keys) gained from 256-key tiles, 1087 -> 1342.
+WIDE_TILE_MIN_KEYS_PER_SPLIT = {2: 512, 1: 1024}  # by bytes per cache element
 
 
 @functools.lru_cache(maxsize=1024)
@@ -124,7 +126,7 @@ def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity
     The split count comes from the capacity, in narrow tiles, whatever the lengths: a CUDA
     graph captured for one length bound replays the same plan as any other, and a split
     without keys leaves at once. Wide tiles are taken when, with that split count, the longest
-    sequence (``max_seqlen_k``) gives each split WIDE_TILES_PER_SPLIT wide tiles or more."""
+    sequence (``max_seqlen_k``) gives each split WIDE_TILE_MIN_KEYS_PER_SPLIT keys or more."""
     ext = _ext.load_extension()
     packed_rows = heads_q // heads_kv * seqlen_q
     block_m, block_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, False)
@@ -133,7 +135,8 @@ def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity
                        m_blocks=m_blocks)
     wide_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, True)[1]
     wide = (wide_n != block_n and
-            math.ceil(max_seqlen_k / plan.num_splits) >= WIDE_TILES_PER_SPLIT * wide_n)
+            math.ceil(max_seqlen_k / plan.num_splits)
+            >= WIDE_TILE_MIN_KEYS_PER_SPLIT[1 if fp8 else 2])
     return plan.num_splits, m_blocks, wide
 
 
