@@ -302,7 +302,7 @@ GPU_CASES = {
     "b7-rotary-sq4-causal-paged16": Case(batch=7, cache_lens=(257, 4096), heads=(9, 3),
                                          seqlen_q=4, causal=True, block_size=16,
                                          rotary="neox"),
-    # Long splits (>= 512 keys, 1024 in fp8): the CUDA kernel's wide tiles (d = 64: 128 keys at 16 bits, 256 in
+    # Long splits (see WIDE_TILE_MIN_KEYS): the CUDA kernel's wide tiles (d = 64: 128 keys at 16 bits, 256 in
     # fp8; d = 96 fp8: 128), short sequences in the same launch, the fused new token, a window
     # whose start is not tile-aligned, tree queries; and a bound far below the lengths (narrow
     # tiles over long sequences: the hint is for speed only).
@@ -589,7 +589,7 @@ def test_split_plan_invariants(num_sms, batch, heads_kv, max_len):
 
 def test_cuda_plan_takes_wide_tiles_only_for_long_splits():
     """The CUDA decode launch takes wide tiles when the longest sequence gives each split of the
-    capacity's plan WIDE_TILE_MIN_KEYS_PER_SPLIT keys (by cache element size), and only where a wide shape exists; the
+    capacity's plan WIDE_TILE_MIN_KEYS keys (by cache element size and whether it splits), and only where a wide shape exists; the
     split count never depends on the lengths (one CUDA graph serves them all)."""
     from ember.ops import _cuda_decode, _ext
 
@@ -601,12 +601,13 @@ def test_cuda_plan_takes_wide_tiles_only_for_long_splits():
     short = plan(1, 1, 32, 8, 64, 131072, 0, False, 384)  # the engine's decode, 1B shape
     assert long[2] and not short[2] and long[:2] == short[:2]
     assert plan(1, 1, 32, 8, 64, 131072, 0, True, 131072)[2]  # fp8: 256-key tiles
-    assert not plan(1, 1, 32, 8, 64, 131072, 0, True, 1024)[2]
+    assert not plan(1, 1, 32, 8, 64, 131072, 0, True, 1024)[2]  # 32 keys a split
+    assert plan(1, 1, 32, 8, 64, 131072, 0, True, 4096)[2]  # 128 keys a split
     assert plan(2, 1, 9, 3, 64, 33001, 4, False, 33001)[2]  # forced splits of 8k keys
     assert plan(2, 1, 9, 3, 64, 33001, 64, False, 33001)[2]  # splits of 516 keys
     assert not plan(2, 1, 9, 3, 64, 33001, 80, False, 33001)[2]  # 413 keys
-    assert not plan(32, 1, 9, 3, 128, 4096, 0, True, 4096)[2]  # fp8: 5 splits of 820 keys
-    assert plan(1, 1, 9, 3, 64, 131072, 0, True, 131072)[2]  # fp8: 82 splits of 1599 keys
+    assert not plan(128, 1, 9, 3, 64, 1024, 0, False, 1024)[2]  # unsplit, 1024 keys
+    assert plan(64, 1, 9, 3, 64, 2048, 0, False, 2048)[2]  # unsplit, 2048 keys
     assert not plan(1, 1, 32, 8, 128, 131072, 0, False, 131072)[2]  # bf16 d = 128: one width
     assert plan(1, 1, 32, 8, 128, 131072, 0, True, 131072)[2]  # fp8 d = 128: 128-key tiles
     assert not plan(1, 65, 16, 16, 64, 131072, 0, False, 131072)[2]  # the append layout

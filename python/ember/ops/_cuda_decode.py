@@ -106,16 +106,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     return out, lse
 
 
-# Wide KV tiles when each split streams at least this many keys of the longest sequence, by
-# cache element size (csrc/decode DecodeConfig has the measurements; H100, same machine each):
-# - short splits keep narrow tiles: at the Llama-3.2-1B decode shape (batch 1, 32 splits of a
-#   131072-key cache, 1024 keys, so 32 keys a split) one fused fp8 call took 9.06 us in 64-key
-#   tiles and 9.70 in 256-key ones (graph of 20); with 4096 keys 12.13 against 10.31;
-# - 16-bit, 9:3 d = 64, 32 x 4096 keys (5 splits of 820 keys): 2094 GB/s in 64-key tiles, 2391
-#   in 128-key ones;
-# - fp8 at the same shape but d = 128 (64 against 128 keys): 1890 against 1798 GB/s, while fp8
-#   9:3 d = 64 at 1 x 131072 (82 splits of 1599 keys) gained from 256-key tiles, 1087 -> 1342.
-WIDE_TILE_MIN_KEYS_PER_SPLIT = {2: 512, 1: 1024}  # by bytes per cache element
+# Wide KV tiles when each split streams at least this many keys of the longest sequence:
+# {bytes per cache element: (when the KV range is split, when it is not)}. From the H100 decode
+# suite (bench/results, GB/s of the CUDA kernel, narrow -> wide) and graph-timed probes:
+# - 16-bit, split: 9:3 d=64 32 x 4096 (5 splits of 820 keys) 2034 -> 2331, 32:8 d=64 1 x 32768
+#   (1024 keys a split) 2034 -> 2163, 8 x 8192 (2048) 2380 -> 2609;
+# - 16-bit, unsplit (a full grid of sequences): 2048 keys gain (32:8 d=64 64 x 2048 2454 ->
+#   2761, 9:3 2301 -> 2627), 1024 keys lose (9:3 d=64 128 x 1024 2678 -> 2382, paged 2568 ->
+#   2141): the narrow kernel is already near copy speed there;
+# - fp8 (64- against 256-key tiles at d=64): wide from 128 keys a split. The Llama-3.2-1B decode
+#   call (batch 1, 32 splits) took 9.06 us narrow and 9.70 wide at 32 keys a split, 12.13 and
+#   10.31 at 128; 9:3 d=64 fp8 1 x 32768 (400 keys a split) streamed 606 GB/s narrow, 732 wide.
+WIDE_TILE_MIN_KEYS = {2: (512, 2048), 1: (128, 128)}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -126,7 +128,7 @@ def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity
     The split count comes from the capacity, in narrow tiles, whatever the lengths: a CUDA
     graph captured for one length bound replays the same plan as any other, and a split
     without keys leaves at once. Wide tiles are taken when, with that split count, the longest
-    sequence (``max_seqlen_k``) gives each split WIDE_TILE_MIN_KEYS_PER_SPLIT keys or more."""
+    sequence (``max_seqlen_k``) gives each split WIDE_TILE_MIN_KEYS keys or more."""
     ext = _ext.load_extension()
     packed_rows = heads_q // heads_kv * seqlen_q
     block_m, block_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, False)
@@ -134,9 +136,9 @@ def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity
     plan = plan_splits(num_sms, batch, heads_kv, capacity, block_n, num_splits=num_splits,
                        m_blocks=m_blocks)
     wide_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, True)[1]
-    wide = (wide_n != block_n and
-            math.ceil(max_seqlen_k / plan.num_splits)
-            >= WIDE_TILE_MIN_KEYS_PER_SPLIT[1 if fp8 else 2])
+    split_min, unsplit_min = WIDE_TILE_MIN_KEYS[1 if fp8 else 2]
+    wide = (wide_n != block_n and math.ceil(max_seqlen_k / plan.num_splits)
+            >= (split_min if plan.num_splits > 1 else unsplit_min))
     return plan.num_splits, m_blocks, wide
 
 
