@@ -116,7 +116,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
 #   2141): the narrow kernel is already near copy speed there;
 # - fp8 (64- against 256-key tiles at d=64): wide from 128 keys a split. The Llama-3.2-1B decode
 #   call (batch 1, 32 splits) took 9.06 us narrow and 9.70 wide at 32 keys a split, 12.13 and
-#   10.31 at 128; 9:3 d=64 fp8 1 x 32768 (400 keys a split) streamed 606 GB/s narrow, 732 wide.
+#   10.31 at 128; 9:3 d=64 fp8 1 x 32768 (400 keys a split) streamed 606 GB/s narrow (suite
+#   run of e0f04ca) and 682 wide (359c1f6).
 WIDE_TILE_MIN_KEYS = {2: (512, 2048), 1: (128, 128)}
 
 
