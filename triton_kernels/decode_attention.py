@@ -43,7 +43,7 @@ def _kvcache_attn_kernel(
     stride_os, stride_ob, stride_oq, stride_oh,
     stride_ls, stride_lb, stride_lh,
     heads_kv, seqlen_q, group, capacity,
-    softmax_scale, window_left, window_right, num_splits,
+    softmax_scale, window_left, window_right, num_splits, unsplit_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, WINDOW_LEFT: tl.constexpr,
     WINDOW_RIGHT: tl.constexpr, TREE: tl.constexpr, FP8: tl.constexpr,
@@ -82,7 +82,8 @@ def _kvcache_attn_kernel(
     tile_lo = lo // BLOCK_N
     num_tiles = tl.maximum((hi + BLOCK_N - 1) // BLOCK_N - tile_lo, 0)
     # The partition rule of ember.ops._split_kv, applied to this sequence's own tiles.
-    per_split = (num_tiles + num_splits - 1) // num_splits
+    per_split = tl.where(num_tiles <= unsplit_tiles, num_tiles,
+                         (num_tiles + num_splits - 1) // num_splits)
     t_begin = tile_lo + split * per_split
     t_end = tl.minimum(t_begin + per_split, tile_lo + num_tiles)
 
@@ -234,8 +235,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     block_m, block_n, block_d, num_warps = _tile_config(head_dim, group * seqlen_q,
                                                         k_cache.element_size())
     m_blocks = math.ceil(group * seqlen_q / block_m)
-    splits = plan_splits(sm_count(q.device), batch, heads_kv, capacity, block_n,
-                         num_splits=num_splits, m_blocks=m_blocks).num_splits
+    plan = plan_splits(sm_count(q.device), batch, heads_kv, capacity, block_n,
+                       num_splits=num_splits, m_blocks=m_blocks)
+    splits = plan.num_splits
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
@@ -260,7 +262,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         *(tree_mask.stride() if tree_mask is not None else (0, 0, 0)),
         *part_strides[0], *part_strides[1],
         heads_kv, seqlen_q, group, capacity,
-        softmax_scale, window_left, window_right, splits,
+        softmax_scale, window_left, window_right, splits, plan.unsplit_tiles,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         # A constant page size turns key // page and key % page into shifts (or a multiply)
         # instead of an integer division per key: the sm_90 SASS of the paged kernel (Triton

@@ -25,7 +25,8 @@ void bind_decode(py::module_& m) {
       [](intptr_t q, intptr_t k_cache, intptr_t v_cache, intptr_t seqlens_k, intptr_t block_table,
          intptr_t tree_mask, intptr_t k_scale, intptr_t v_scale, intptr_t out, intptr_t lse,
          intptr_t out_part, intptr_t lse_part, intptr_t split_counters, int batch, int seqlen_q,
-         int heads_q, int heads_kv, int head_dim, int num_splits, int page_size, int max_blocks,
+         int heads_q, int heads_kv, int head_dim, int num_splits, int unsplit_tiles,
+         int page_size, int max_blocks,
          int capacity, py::tuple q_strides, py::tuple k_strides, py::tuple v_strides,
          py::tuple out_strides, py::tuple lse_strides, py::tuple part_strides,
          py::tuple lse_part_strides,
@@ -51,6 +52,7 @@ void bind_decode(py::module_& m) {
         p.heads_kv = heads_kv;
         p.head_dim = head_dim;
         p.num_splits = num_splits;
+        p.unsplit_tiles = unsplit_tiles;
         set_page_size(p, page_size);
         p.max_blocks = max_blocks;
         p.capacity = capacity;

@@ -51,6 +51,7 @@ void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
     throw std::invalid_argument(op + "at most 65535 sequences and 65535 kv heads");
   }
   if (p.num_splits < 1) throw std::invalid_argument(op + "num_splits must be >= 1");
+  if (p.unsplit_tiles < 0) throw std::invalid_argument(op + "unsplit_tiles must be >= 0");
   if (p.num_splits > 1 &&
       (p.out_part == nullptr || p.lse_part == nullptr || p.split_counters == nullptr)) {
     throw std::invalid_argument(op + "num_splits > 1 needs the out_part/lse_part/split_counters "

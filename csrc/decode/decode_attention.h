@@ -42,6 +42,7 @@ struct DecodeParams {
 
   int batch, seqlen_q, heads_q, heads_kv, head_dim;
   int num_splits;
+  int unsplit_tiles;  // a row block seeing at most this many tiles runs as one split
   int page_size, max_blocks;          // paged caches only
   // Keys one sequence's cache holds (max_len, or max_blocks * page_size). seqlens_k above it
   // are clamped: the public op rejects them on the host, but inside a captured CUDA graph no

@@ -579,6 +579,7 @@ def test_split_plan_invariants(num_sms, batch, heads_kv, max_len):
     # The splits cover every tile, and none of them is empty for the longest sequence.
     assert plan.tiles_per_split * plan.num_splits >= tiles
     assert plan.tiles_per_split * (plan.num_splits - 1) < tiles
+    assert plan.unsplit_tiles == _split_kv.MAX_UNSPLIT_KEYS // block_n
     work = batch * heads_kv
     if work >= _split_kv.FULL_ENOUGH * _split_kv.PROGRAMS_PER_SM * num_sms:
         assert plan.num_splits == 1, "a full GPU gains nothing from splitting"
@@ -600,6 +601,10 @@ def test_cuda_plan_takes_wide_tiles_only_for_long_splits():
     long = plan(1, 1, 32, 8, 64, 131072, 0, False, 131072)
     short = plan(1, 1, 32, 8, 64, 131072, 0, False, 384)  # the engine's decode, 1B shape
     assert long[2] and not short[2] and long[:2] == short[:2]
+    # Tiles up to which a sequence runs unsplit: MAX_UNSPLIT_KEYS in the launch's tile width.
+    assert short[3] == _split_kv.MAX_UNSPLIT_KEYS // 64
+    assert long[3] == _split_kv.MAX_UNSPLIT_KEYS // 128
+    assert plan(2, 1, 9, 3, 64, 33001, 4, False, 33001)[3] == 0  # forced splits: as given
     assert plan(1, 1, 32, 8, 64, 131072, 0, True, 131072)[2]  # fp8: 256-key tiles
     assert not plan(1, 1, 32, 8, 64, 131072, 0, True, 1024)[2]  # 32 keys a split
     assert plan(1, 1, 32, 8, 64, 131072, 0, True, 4096)[2]  # 128 keys a split
@@ -626,6 +631,7 @@ def test_split_plan_honours_explicit_counts(num_splits):
     plan = _split_kv.plan_splits(132, 1, 8, 300, 64, num_splits=num_splits)
     assert plan.num_splits == num_splits
     assert plan.tiles_per_split == max(1, math.ceil(5 / num_splits))
+    assert plan.unsplit_tiles == 0
 
 
 def test_sm_count_off_gpu_is_nominal():

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ember.ops import _ext
-from ember.ops._split_kv import plan_splits, sm_count
+from ember.ops._split_kv import plan_splits, sm_count, unsplit_tiles
 from ember.ops._validation import with_16b_aligned_rows
 
 
@@ -75,9 +75,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
     heads_kv = k_cache.shape[2]
     paged = block_table is not None
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
-    splits, m_blocks, wide = _launch_plan(sm_count(q.device), batch, seqlen_q, heads_q, heads_kv,
-                                          head_dim, capacity, num_splits,
-                                          k_cache.dtype == torch.float8_e4m3fn, max_seqlen_k)
+    splits, m_blocks, wide, unsplit = _launch_plan(
+        sm_count(q.device), batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, num_splits,
+        k_cache.dtype == torch.float8_e4m3fn, max_seqlen_k)
 
     q, k_cache, v_cache = (with_16b_aligned_rows(t) for t in (q, k_cache, v_cache))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -95,7 +95,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens_k.data_ptr(),
         _ext.ptr(block_table), _ext.ptr(tree_mask), _ext.ptr(k_scale), _ext.ptr(v_scale),
         out.data_ptr(), lse.data_ptr(), _ext.ptr(out_part), _ext.ptr(lse_part), _ext.ptr(counters),
-        batch, seqlen_q, heads_q, heads_kv, head_dim, splits,
+        batch, seqlen_q, heads_q, heads_kv, head_dim, splits, unsplit,
         k_cache.shape[1] if paged else 0, block_table.shape[1] if paged else 0, capacity,
         q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], out.stride()[:3],
         lse.stride()[:2],
@@ -124,12 +124,14 @@ WIDE_TILE_MIN_KEYS = {2: (512, 2048), 1: (128, 128)}
 @functools.lru_cache(maxsize=1024)
 def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, num_splits,
                  fp8, max_seqlen_k):
-    """``(split count, row blocks per (sequence, kv head), wide tiles)`` of a decode launch.
+    """``(split count, row blocks per (sequence, kv head), wide tiles, the tiles up to which a
+    sequence runs unsplit)`` of a decode launch.
 
     The split count comes from the capacity, in narrow tiles, whatever the lengths: a CUDA
     graph captured for one length bound replays the same plan as any other, and a split
     without keys leaves at once. Wide tiles are taken when, with that split count, the longest
-    sequence (``max_seqlen_k``) gives each split WIDE_TILE_MIN_KEYS keys or more."""
+    sequence (``max_seqlen_k``) gives each split WIDE_TILE_MIN_KEYS keys or more (the split
+    count's share, whatever MAX_UNSPLIT_KEYS does to shorter sequences)."""
     ext = _ext.load_extension()
     packed_rows = heads_q // heads_kv * seqlen_q
     block_m, block_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, False)
@@ -140,7 +142,8 @@ def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity
     split_min, unsplit_min = WIDE_TILE_MIN_KEYS[1 if fp8 else 2]
     wide = (wide_n != block_n and math.ceil(max_seqlen_k / plan.num_splits)
             >= (split_min if plan.num_splits > 1 else unsplit_min))
-    return plan.num_splits, m_blocks, wide
+    return (plan.num_splits, m_blocks, wide,
+            unsplit_tiles(wide_n if wide else block_n, num_splits))
 
 
 # Split-KV arrival counters (one per (sequence, kv head, row block)), per (device, stream).

@@ -9,8 +9,8 @@ split of a row block to finish merges them, the Triton backend runs a second sma
 
 Partition rule (every backend follows it, so results do not depend on the backend's grid): a
 sequence whose attended keys span ``T`` KV tiles of ``block_n`` keys gives split ``s`` the tiles
-``[s * ceil(T / S), min((s + 1) * ceil(T / S), T))``; splits past the end are empty and must
-write ``lse = -inf`` so that merging ignores them (the Triton backend also zeroes their partial
+``[s * P, min((s + 1) * P, T))`` with ``P = T`` when ``T <= unsplit_tiles`` (one live split), else
+``P = ceil(T / S)``; splits past the end are empty and must write ``lse = -inf`` so that merging ignores them (the Triton backend also zeroes their partial
 output, which its merge weighs by 0; the CUDA merge skips them unread). ``T`` is taken
 per sequence in the kernel (from ``cache_seqlens``, read on the device), while the split count
 comes from shapes only: computing it never syncs with the GPU, so it works in CUDA graphs.
@@ -47,6 +47,16 @@ MAX_AUTO_SPLITS = 128
 # Forcing 1, 2, 4, 8 or 16 splits instead measured within 1.5% of it on the Llama-3.2-1B decode
 # step (H100, 16 layers, 384 keys): at that size a decode kernel's time is its chain of
 # dependent memory round trips (lengths, block table, K/V, the merge), not the split count.
+# Revisited on the H100 in session 16, with each split's block-table entries staged once:
+# Llama-3.2-1B decode step in context (`measure_latency`, one process, tok/s), when every live
+# split must take at least F keys of its sequence (F = 64 is the capacity's plan, one tile):
+#   keys 128-384: F = 64: 826, 256: 842, 512: 858, 1024: 858;
+#   keys 700-956: F = 64: 821, 512: 786, 1024: 784.
+# In a step, a split costs a cold prologue (lengths, block table, q, cos/sin) and the fold's
+# round trips, ~4-5 us here, while one CTA takes ~0.6 us a tile more: one split wins up to about
+# 8 narrow tiles, one tile a split beyond. Hence a threshold, not a floor: a sequence of at most
+# MAX_UNSPLIT_KEYS keys runs as one split; longer ones keep the capacity's plan.
+MAX_UNSPLIT_KEYS = 512
 # Already this close to a full wave of programs without splitting: splitting cannot pay.
 FULL_ENOUGH = 0.8
 # Among split counts, take the smallest whose wave efficiency is this close to the best one
@@ -59,9 +69,17 @@ NOMINAL_SMS = 132
 
 class SplitPlan(NamedTuple):
     """``num_splits`` programs per (batch, kv head, query block); ``tiles_per_split`` KV tiles
-    each for the longest possible sequence (shorter sequences re-divide their own tiles)."""
+    each for the longest possible sequence (shorter sequences re-divide their own tiles; one of
+    at most ``unsplit_tiles`` tiles runs as one split)."""
     num_splits: int
     tiles_per_split: int
+    unsplit_tiles: int
+
+
+def unsplit_tiles(block_n: int, num_splits: int = 0) -> int:
+    """The partition rule's threshold: 0 for a caller's explicit ``num_splits`` (honoured as
+    given), else the whole tiles of ``MAX_UNSPLIT_KEYS``."""
+    return 0 if num_splits > 0 else MAX_UNSPLIT_KEYS // block_n
 
 
 @functools.cache
@@ -93,12 +111,13 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
     Returns a ``SplitPlan``; ``tiles_per_split`` is ``ceil(tiles / num_splits)`` (at least 1).
     """
     tiles = max(1, math.ceil(max_seqlen_k / block_n))
+    least = unsplit_tiles(block_n, num_splits)
     if num_splits > 0:
-        return SplitPlan(num_splits, max(1, math.ceil(tiles / num_splits)))
+        return SplitPlan(num_splits, max(1, math.ceil(tiles / num_splits)), least)
     slots = PROGRAMS_PER_SM * num_sms
     work = batch * heads_kv * m_blocks
     if tiles == 1 or work == 0 or work >= FULL_ENOUGH * slots:
-        return SplitPlan(1, tiles)
+        return SplitPlan(1, tiles, least)
 
     def efficiency(s: int) -> float:
         # Fraction of the last wave of programs that is busy; 1.0 means whole waves.
@@ -113,4 +132,4 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
                   if s == 1 or math.ceil(tiles / s) < math.ceil(tiles / (s - 1))]
     best = max(efficiency(s) for s in candidates)
     chosen = next(s for s in candidates if efficiency(s) >= EFFICIENCY_SLACK * best)
-    return SplitPlan(chosen, math.ceil(tiles / chosen))
+    return SplitPlan(chosen, math.ceil(tiles / chosen), least)
