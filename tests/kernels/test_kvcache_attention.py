@@ -362,6 +362,37 @@ def test_kvcache_attention_split_count_invariance(backend, device):
         torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
+def test_short_sequences_in_a_long_cache_run_unsplit(backend, device):
+    """The partition rule's threshold: a sequence of at most MAX_UNSPLIT_KEYS keys runs as one
+    split even when the capacity's plan has many, so the planned call gives exactly the output
+    and LSE of num_splits=1. Two forced splits of the same keys fold their partials instead,
+    which changes the float32 LSE's rounding: the comparison can tell the two apart."""
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    block, width, pool = 16, 2048, 80  # capacity 32768 keys: the plan splits (128 on an H100)
+    assert _split_kv.plan_splits(_split_kv.sm_count(torch.device(device)), 2, 1, width * block,
+                                 64).num_splits > 1
+    lens = torch.tensor([300, _split_kv.MAX_UNSPLIT_KEYS - 1], dtype=torch.int32, device=device)
+    k_cache = torch.randn(pool, block, 1, 64, dtype=torch.float16, device=device)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.zeros(2, width, dtype=torch.int32, device=device)
+    table[:, :pool // 2] = torch.randperm(pool, dtype=torch.int32, device=device).view(2, -1)
+    q = torch.randn(2, 1, 4, 64, dtype=torch.float16, device=device)
+
+    def run(num_splits):
+        return ember.ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
+                                                 block_table=table, num_splits=num_splits,
+                                                 return_lse=True, backend=backend)
+    (planned, planned_lse), (one, one_lse), (_, two_lse) = run(0), run(1), run(2)
+    assert torch.equal(planned, one) and torch.equal(planned_lse, one_lse)
+    assert not torch.equal(two_lse, one_lse)
+    ref = reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
+                                           block_table=table)
+    lowp = reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
+                                            block_table=table, upcast=False)
+    assert_within_lowp_error(planned, ref, lowp)
+
+
 @pytest.mark.cuda
 def test_cuda_split_counters_are_left_at_zero():
     """The CUDA backend reuses its split-KV arrival counters across calls without zeroing them:
