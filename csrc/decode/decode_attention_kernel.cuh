@@ -36,9 +36,9 @@
 //     masks (sequence end, causal/window bounds around the bottom-right diagonal, tree mask over
 //     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
 //   * Split-KV: split s of S takes tiles [s * P, (s + 1) * P) of the T tiles the block's rows
-//     can see, P = T if T <= unsplit_tiles, else ceil(T / S) (ember.ops._split_kv's rule); splits past the last one holding
-//     tiles (the split count is planned for the cache's capacity, a sequence may be shorter)
-//     leave at once. With one live split, it writes the result
+//     can see, P = T if T <= unsplit_tiles, else ceil(T / S) (ember.ops._split_kv's rule);
+//     splits past the last one holding tiles (the split count is planned for the cache's
+//     capacity, a sequence may be shorter) leave at once. With one live split, it writes the result
 //     directly. With several, each writes its float32 partial output and LSE (a row that saw
 //     no key: only lse = -inf), then counts itself in on its row block's counter; the last to
 //     arrive folds them with the math of merge_attn_states (merge_row.cuh) and writes the
@@ -345,17 +345,20 @@ __device__ __forceinline__ void load_q_tile(uint32_t s_q, const DecodeParams& p,
   }
 }
 
-// Where a paged cache's pages are: entry i of `entries` is the block of page `first + i` of the
-// sequence. The kernel stages its split's entries in shared memory before its first tile copy
-// when they fit (kStagedPages), in one round trip; otherwise `entries` is the block table's row
-// itself (first = 0). Why: a tile's copies cannot be issued before its block numbers arrive, so
-// reading the block table per tile made each loop iteration wait one memory round trip before
-// its copies, whatever the pipeline depth (H100, 1B decode shape, one split streaming 6 paged
-// tiles: ~1.3 us a tile).
+// The page of a paged cache that key `key` lies in.
 __device__ __forceinline__ int page_of(const DecodeParams& p, int key) {
   return __umulhi(static_cast<uint32_t>(key), p.page_div_mul) >> p.page_div_shift;
 }
 
+// Where a paged cache's pages are: entry i of `entries` is the block of page `first + i` of the
+// sequence. The kernel stages its split's entries in shared memory before its first tile copy
+// when they fit (kStagedPages), in one round trip; otherwise `entries` is the block table's row
+// itself (first = 0). Why: a tile's copies cannot be issued before its block numbers arrive,
+// and in a decode step the block table is cold (the weight streams evict it from L2), so per
+// tile reads put a DRAM round trip in front of each tile's copies. Measured on H100s: alone
+// (graph of back-to-back calls) staging changed little; in the Llama-3.2-1B step with one split
+// per sequence, 822-826 tok/s unstaged and 836-840 staged (two machines whose main measured
+// 811-815 and 811-812).
 struct PageList {
   const int* entries;  // shared memory or global (generic address)
   int first;

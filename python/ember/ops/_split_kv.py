@@ -7,11 +7,12 @@ into ``num_splits`` slices run by separate programs fills the GPU, at the price 
 slice's partial output and LSE to a workspace and merging them: in the CUDA kernel the last
 split of a row block to finish merges them, the Triton backend runs a second small kernel.
 
-Partition rule (every backend follows it, so results do not depend on the backend's grid): a
-sequence whose attended keys span ``T`` KV tiles of ``block_n`` keys gives split ``s`` the tiles
-``[s * P, min((s + 1) * P, T))`` with ``P = T`` when ``T <= unsplit_tiles`` (one live split), else
-``P = ceil(T / S)``; splits past the end are empty and must write ``lse = -inf`` so that merging ignores them (the Triton backend also zeroes their partial
-output, which its merge weighs by 0; the CUDA merge skips them unread). ``T`` is taken
+Partition rule (the CUDA and Triton kernels follow it, so their results do not depend on the
+grid): a sequence whose attended keys span ``T`` KV tiles of ``block_n`` keys gives split ``s``
+the tiles ``[s * P, min((s + 1) * P, T))`` with ``P = T`` when ``T <= unsplit_tiles`` (one live
+split), else ``P = ceil(T / S)``; splits past the end are empty and must write ``lse = -inf`` so
+that merging ignores them (the Triton backend also zeroes their partial output, which its merge
+weighs by 0; the CUDA merge skips them unread). ``T`` is taken
 per sequence in the kernel (from ``cache_seqlens``, read on the device), while the split count
 comes from shapes only: computing it never syncs with the GPU, so it works in CUDA graphs.
 """
