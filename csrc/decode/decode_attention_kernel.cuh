@@ -97,7 +97,7 @@ constexpr int kWarps = 4;
 inline int decode_warps_m(int packed_rows) { return packed_rows <= kWarpRows ? 1 : kWarps; }
 
 // Block-table entries a CTA stages in shared memory: the pages of up to 2048 keys at 16 keys a
-// page, all a split of the engine's decode sees.
+// page (a longer split reads the block table per tile, see PageList).
 constexpr int kStagedPages = 128;
 
 // Keep a CTA's shared memory at most this large so that two CTAs share an H100 SM (228 KB):

@@ -45,12 +45,11 @@ MAX_AUTO_SPLITS = 128
 # so the Triton backend, which shares it, partitions identically.
 # Short sequences in a long cache (the engine's batch-1 decode: capacity 131072 keys, a few
 # hundred cached) get the plan of the capacity, 32 splits, of which the few holding a tile run.
-# Forcing 1, 2, 4, 8 or 16 splits instead measured within 1.5% of it on the Llama-3.2-1B decode
-# step (H100, 16 layers, 384 keys): at that size a decode kernel's time is its chain of
-# dependent memory round trips (lengths, block table, K/V, the merge), not the split count.
-# Revisited on the H100 in session 16, with each split's block-table entries staged once:
-# Llama-3.2-1B decode step in context (`measure_latency`, one process, tok/s), when every live
-# split must take at least F keys of its sequence (F = 64 is the capacity's plan, one tile):
+# Those of at most MAX_UNSPLIT_KEYS keys run unsplit, though. With each split's block-table
+# entries staged once (session 16; an earlier measurement, reading the table per tile, had
+# forced 1 to 16 splits within 1.5% of the plan), the Llama-3.2-1B decode step in context
+# (`measure_latency`, one process, tok/s), when every live split must take at least F keys of
+# its sequence (F = 64 is the capacity's plan, one tile):
 #   keys 128-384: F = 64: 826, 256: 842, 512: 858, 1024: 858;
 #   keys 700-956: F = 64: 821, 512: 786, 1024: 784.
 # In a step, a split costs a cold prologue (lengths, block table, q, cos/sin) and the fold's
@@ -112,13 +111,13 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
     Returns a ``SplitPlan``; ``tiles_per_split`` is ``ceil(tiles / num_splits)`` (at least 1).
     """
     tiles = max(1, math.ceil(max_seqlen_k / block_n))
-    least = unsplit_tiles(block_n, num_splits)
+    unsplit = unsplit_tiles(block_n, num_splits)
     if num_splits > 0:
-        return SplitPlan(num_splits, max(1, math.ceil(tiles / num_splits)), least)
+        return SplitPlan(num_splits, max(1, math.ceil(tiles / num_splits)), unsplit)
     slots = PROGRAMS_PER_SM * num_sms
     work = batch * heads_kv * m_blocks
     if tiles == 1 or work == 0 or work >= FULL_ENOUGH * slots:
-        return SplitPlan(1, tiles, least)
+        return SplitPlan(1, tiles, unsplit)
 
     def efficiency(s: int) -> float:
         # Fraction of the last wave of programs that is busy; 1.0 means whole waves.
@@ -133,4 +132,4 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
                   if s == 1 or math.ceil(tiles / s) < math.ceil(tiles / (s - 1))]
     best = max(efficiency(s) for s in candidates)
     chosen = next(s for s in candidates if efficiency(s) >= EFFICIENCY_SLACK * best)
-    return SplitPlan(chosen, math.ceil(tiles / chosen), least)
+    return SplitPlan(chosen, math.ceil(tiles / chosen), unsplit)
