@@ -245,7 +245,13 @@ def _gumbel_argmax(row_ptr, vocab, has_posinf, no_usable, row_max, scale, exp2_s
     return token
 
 
-@triton.jit
+# The per-row parameters are read one scalar per program, so specializing on their alignment
+# buys nothing, and the engine passes row views of packed [3, batch] tensors whose alignment
+# changes with the batch: each new combination cost a ~2 s recompile in the middle of a
+# throughput run (H100, session 17). num_chunks varies with the batch too.
+@triton.jit(do_not_specialize=["num_chunks"],
+            do_not_specialize_on_alignment=["temperature_ptr", "top_k_ptr", "top_p_ptr",
+                                            "min_p_ptr", "seeds_ptr", "offsets_ptr"])
 def _sample_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
                    offsets_ptr, out_ptr, vocab, row_stride, part_max_ptr, part_index_ptr,
                    num_chunks, BLOCK_V: tl.constexpr, MAX_BLOCK_V: tl.constexpr,

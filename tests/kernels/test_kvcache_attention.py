@@ -302,10 +302,10 @@ GPU_CASES = {
     "b7-rotary-sq4-causal-paged16": Case(batch=7, cache_lens=(257, 4096), heads=(9, 3),
                                          seqlen_q=4, causal=True, block_size=16,
                                          rotary="neox"),
-    # Long splits (see WIDE_TILE_MIN_KEYS): the CUDA kernel's wide tiles (d = 64: 128 keys at 16 bits, 256 in
-    # fp8; d = 96 fp8: 128), short sequences in the same launch, the fused new token, a window
-    # whose start is not tile-aligned, tree queries; and a bound far below the lengths (narrow
-    # tiles over long sequences: the hint is for speed only).
+    # Long splits (see WIDE_TILE_MIN_KEYS): the CUDA kernel's wide tiles (d = 64: 128 keys at
+    # 16 bits, 256 in fp8; d = 96 fp8: 128), short sequences in the same launch, the fused new
+    # token, a window whose start is not tile-aligned, tree queries; and a bound far below the
+    # lengths (narrow tiles over long sequences: the hint is for speed only).
     "b7-wide-tiles-rotary-paged16": Case(batch=7, cache_lens=(383, 0, 16383, 64, 1),
                                          heads=(32, 8), causal=True, block_size=16,
                                          rotary="neox"),
@@ -621,8 +621,9 @@ def test_split_plan_invariants(num_sms, batch, heads_kv, max_len):
 
 def test_cuda_plan_takes_wide_tiles_only_for_long_splits():
     """The CUDA decode launch takes wide tiles when the longest sequence gives each split of the
-    capacity's plan WIDE_TILE_MIN_KEYS keys (by cache element size and whether it splits), and only where a wide shape exists; the
-    split count never depends on the lengths (one CUDA graph serves them all)."""
+    capacity's plan WIDE_TILE_MIN_KEYS keys (by cache element size and whether it splits), and
+    only where a wide shape exists; the split count never depends on the lengths (one CUDA graph
+    serves them all)."""
     from ember.ops import _cuda_decode, _ext
 
     if _ext.load_extension() is None:

@@ -396,3 +396,52 @@ def test_bad_input_errors(make, call, change, error, match):
     kwargs.update(change)
     with pytest.raises(error, match=match):
         call(**kwargs)
+
+
+def test_skip_value_checks_skips_only_the_value_checks():
+    """Inside ``skip_value_checks`` the slot range is not read back (the engine's eager steps),
+    while dtype checks still run; outside it, an out-of-range slot is a clear ValueError."""
+    from ember.ops._validation import values_readable
+
+    k, v = torch.randn(2, 1, 16), torch.randn(2, 1, 16)
+    k_cache, v_cache = torch.randn(4, 16, 1, 16), torch.randn(4, 16, 1, 16)
+    with pytest.raises(ValueError, match="slot_mapping values must be -1 or in"):
+        ember.ops.store_kvcache(k, v, k_cache, v_cache, torch.tensor([3, 64]))
+    with ember.ops.skip_value_checks():
+        assert not values_readable(torch.device("cpu"))
+        with pytest.raises(TypeError, match="slot_mapping"):
+            ember.ops.store_kvcache(k, v, k_cache, v_cache, torch.tensor([3, 9], dtype=torch.int32))
+        ember.ops.store_kvcache(k, v, k_cache, v_cache, torch.tensor([3, 63]))
+    assert values_readable(torch.device("cpu"))
+    assert torch.equal(k_cache[0, 3], k[0]) and torch.equal(v_cache[3, 15], v[1])
+
+
+@pytest.mark.cuda
+def test_paged_decode_and_cache_write_make_no_host_sync_when_value_checks_are_skipped():
+    """The engine's eager GPU steps: the decode attention over a paged cache (lengths on the
+    device, max_seqlen_k given) and the cache write, without one device->host sync."""
+    dev, half = "cuda", torch.bfloat16
+    k_cache = torch.randn(64, 16, 2, 64, device=dev, dtype=half)
+    v_cache = torch.randn(64, 16, 2, 64, device=dev, dtype=half)
+    table = torch.randperm(64, device=dev)[:24].view(3, 8).int()
+    seqlens = torch.tensor([5, 100, 127], dtype=torch.int32, device=dev)
+    q = torch.randn(3, 1, 8, 64, device=dev, dtype=half)
+    k, v = torch.randn(3, 1, 2, 64, device=dev, dtype=half), torch.randn(3, 1, 2, 64, device=dev,
+                                                                           dtype=half)
+    slots = torch.tensor([7, 300, 1000], device=dev)
+
+    def step():
+        ember.ops.store_kvcache(k[:, 0], v[:, 0], k_cache, v_cache, slots)
+        return ember.ops.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                                 cache_seqlens=seqlens, block_table=table,
+                                                 causal=True, max_seqlen_k=128)
+
+    want = step()  # first call: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    with ember.ops.skip_value_checks():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)

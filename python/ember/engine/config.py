@@ -26,7 +26,8 @@ class EngineConfig:
     enable_prefix_caching: share KV blocks of common prompt prefixes.
     enable_chunked_prefill: split long prompts over steps and mix them with decodes; without
         it a prompt is prefilled whole (so max_num_batched_tokens >= max_model_len).
-    enforce_eager: never capture CUDA graphs.
+    enforce_eager: never capture CUDA graphs: a decode step launches the ops a graph would
+        replay, one by one, on the same inputs (so eager and graph modes give the same bits).
     async_scheduling: while a decode step runs on the device, schedule and launch the next one
         (its input tokens are the running step's sampled ids, copied on the device), so the
         host's per-step work overlaps the GPU's; None turns it on for CUDA devices without

@@ -1,5 +1,10 @@
 """CUDA graphs of the decode step: model, LM head and sampling replayed as one launch.
 
+Every decode-only step of a CUDA engine whose decode ops can be captured runs here, whether
+graphs are captured or not (``enforce_eager``): eager mode launches the same ops op by op on the
+same static inputs, so both modes compute the same launches (split plan, tile width, padding
+rows) and give the same bits.
+
 A decode-only step of ``n`` sequences replays the graph captured for the smallest batch size
 ``>= n`` and its length bucket; the extra rows are padding: sequences of no cached key whose one
 new K/V row goes to a scratch KV block that no sequence owns. The buckets are steps whose keys
@@ -37,14 +42,20 @@ def graph_batch_sizes(max_num_seqs: int) -> list:
 
 
 class DecodeGraphs:
+    """The decode steps of a model runner; ``capture=False`` (``enforce_eager``) runs each
+    step's ops directly instead of replaying a graph."""
+
     def __init__(self, model, kv_caches, sampler, *, max_num_seqs: int, max_blocks_per_seq: int,
-                 block_size: int, scratch_block: int, device):
+                 block_size: int, scratch_block: int, device, capture: bool = True):
         self.model, self.kv_caches, self.sampler = model, kv_caches, sampler
         self.scratch_block = scratch_block
         self.sizes = graph_batch_sizes(max_num_seqs)
-        # Length bounds of the buckets (None: the capacity).
-        self.bounds = ([SHORT_CONTEXT_KEYS] if max_blocks_per_seq * block_size > SHORT_CONTEXT_KEYS
-                       else []) + [None]
+        # Length bounds of the buckets, the last one the capacity. Each is passed as the
+        # attention's max_seqlen_k: left None, a direct call would take the batch's longest
+        # sequence (read back from the device) and a captured one the capacity, and their tile
+        # widths could differ.
+        capacity = max_blocks_per_seq * block_size
+        self.bounds = ([SHORT_CONTEXT_KEYS] if capacity > SHORT_CONTEXT_KEYS else []) + [capacity]
         largest = self.sizes[-1]
         # Static inputs. tokens: rows (input ids, positions); seqlens: cached keys (=
         # positions); floats/ints: the sampling rows of sampler.py. Until a step fills them,
@@ -65,11 +76,13 @@ class DecodeGraphs:
             self.host_inputs.append((pinned, {name: t.numpy() for name, t in pinned.items()}))
         self._turn = 0
         self.graphs: dict = {}  # (size, bound) -> (graph, logits, token ids)
+        self.captured = capture
         start = time.perf_counter()
-        self._capture()
+        if capture:
+            self._capture()
         self.capture_seconds = time.perf_counter() - start
 
-    def _step(self, size: int, bound: int | None):
+    def _step(self, size: int, bound: int):
         meta = AttentionMetadata(num_decodes=size, decode_cache_seqlens=self.seqlens[:size],
                                  decode_block_table=self.block_table[:size],
                                  decode_max_seqlen_k=bound)
@@ -139,9 +152,12 @@ class DecodeGraphs:
             srcs += [pinned["tokens"][1, :size], input_ids]
         ops.multi_copy(dsts, srcs)
         keys = int(positions.max()) + 1  # the longest sequence's, its new token included
-        bound = next(b for b in self.bounds if b is None or keys <= b)
-        graph, logits, token_ids = self.graphs[size, bound]
-        graph.replay()
+        bound = next(b for b in self.bounds if keys <= b)
+        if self.captured:
+            graph, logits, token_ids = self.graphs[size, bound]
+            graph.replay()
+        else:
+            logits, token_ids = self._step(size, bound)
         if self.sampler.needs_logit_edits(seqs):
             return self.sampler(logits[:n].clone(), seqs)
         return token_ids[:n]

@@ -1,6 +1,6 @@
 """ModelRunner: owns the model and the paged KV cache; turns a scheduled batch into flat
 tensors, runs the model and samples; decode-only batches replay a CUDA graph of the whole step
-(cuda_graphs.py).
+(cuda_graphs.py; with enforce_eager, the same step's ops run one by one).
 
 The batch metadata is built on the host from the sequences' block tables with numpy and copied
 to the device without waiting for it. ``launch`` returns at once with a StepOutput; its sampled
@@ -8,6 +8,7 @@ token ids reach the host through a pinned buffer, and waiting for them is the on
 a step, which the engine can defer past the launch of the next step (async scheduling).
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +123,7 @@ def flat_layout(seqs: list, starts: list, counts: list, num_decodes: int, block_
     if nd:
         meta.decode_cache_seqlens = to_device(np.asarray(starts[:nd], dtype=np.int32), device)
         meta.decode_block_table = to_device(tables[:nd], device)
+        meta.decode_max_seqlen_k = max(starts[:nd]) + 1  # (else read back from the device)
     if nd < len(seqs):
         meta.chunks = [(int(first_row[i]), int(counts[i]), int(starts[i] + counts[i]))
                        for i in range(nd, len(seqs))]
@@ -255,20 +257,23 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size = config.block_size
-        use_graphs = (self.device.type == "cuda" and not config.enforce_eager
-                      and decode_op_on_reference(model, config, self.device) is None)
-        # With CUDA graphs, one more block past those the block manager hands out: the scratch
-        # block that the graphs' padding rows write their K/V into.
-        self.kv_caches = allocate_kv_cache(model, num_blocks + 1 if use_graphs else num_blocks,
+        # Decode-only steps run through DecodeGraphs where their ops can be captured, as
+        # graphs or (enforce_eager) op by op on the same static inputs: the same launches.
+        static_decodes = (self.device.type == "cuda"
+                          and decode_op_on_reference(model, config, self.device) is None)
+        # Then one more block past those the block manager hands out: the scratch block that
+        # the padding rows of a decode step write their K/V into.
+        self.kv_caches = allocate_kv_cache(model, num_blocks + 1 if static_decodes else num_blocks,
                                            config.block_size, self.device,
                                            config.kv_cache_dtype)
         self.sampler = Sampler(eos_token_ids, config.kernel_backend)
         self.graphs = None
-        if use_graphs:
+        if static_decodes:
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, self.sampler, max_num_seqs=config.max_num_seqs,
                 max_blocks_per_seq=-(-max_model_len // config.block_size),
-                block_size=config.block_size, scratch_block=num_blocks, device=self.device)
+                block_size=config.block_size, scratch_block=num_blocks, device=self.device,
+                capture=not config.enforce_eager)
         if self.device.type == "cuda":
             # Pinned landing buffers of the sampled ids and their ready events, two used in
             # turn: at most two launched steps are unread at once (async scheduling). A
@@ -282,7 +287,7 @@ class ModelRunner:
 
     @property
     def graph_batch_sizes(self) -> list:
-        return list(self.graphs.sizes) if self.graphs else []
+        return list(self.graphs.sizes) if self.graphs and self.graphs.captured else []
 
     @property
     def graph_capture_seconds(self) -> float:
@@ -296,7 +301,8 @@ class ModelRunner:
             s.num_computed_tokens + 1 == len(s) for s in batch.seqs)
 
     def uses_graph(self, batch: ScheduledBatch) -> bool:
-        """Whether ``batch`` runs as a captured CUDA graph."""
+        """Whether ``batch`` runs as a decode step of DecodeGraphs (a captured CUDA graph,
+        unless enforce_eager)."""
         return bool(self.graphs and self._all_decodes(batch)
                     and self.graphs.size_for(len(batch.seqs)))
 
@@ -310,15 +316,20 @@ class ModelRunner:
         """
         if input_ids is not None and not self._all_decodes(batch):
             raise RuntimeError("input_ids from the device need an all-decode batch")
-        if self.uses_graph(batch):
-            return self._output(batch.seqs, self.graphs.run(batch.seqs, input_ids))
-        inputs = prepare_inputs(batch, self.block_size, self.device, input_ids)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
-        if not inputs.sampling_seqs:
-            return StepOutput([], None)
-        logits = self.model.compute_logits(hidden[inputs.logits_rows])
-        tokens = self.sampler(logits, inputs.sample_seqs, inputs.sample_ahead)
-        return self._output(inputs.sampling_seqs, tokens, inputs.rows_per_seq)
+        # The block tables, lengths and slots come from the block manager: on a GPU the ops'
+        # value checks would each sync with the device (on a CPU they cost nothing, and stay).
+        checks = (ops.skip_value_checks() if self.device.type == "cuda"
+                  else contextlib.nullcontext())
+        with checks:
+            if self.uses_graph(batch):
+                return self._output(batch.seqs, self.graphs.run(batch.seqs, input_ids))
+            inputs = prepare_inputs(batch, self.block_size, self.device, input_ids)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+            if not inputs.sampling_seqs:
+                return StepOutput([], None)
+            logits = self.model.compute_logits(hidden[inputs.logits_rows])
+            tokens = self.sampler(logits, inputs.sample_seqs, inputs.sample_ahead)
+            return self._output(inputs.sampling_seqs, tokens, inputs.rows_per_seq)
 
     def _output(self, seqs: list, device_tokens: torch.Tensor,
                 rows: list | None = None) -> StepOutput:

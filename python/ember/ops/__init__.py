@@ -14,6 +14,7 @@ How an op module is laid out (see kvcache.py):
 
 from ember.ops._registry import available_backends, ops
 from ember.ops._registry import resolve as resolve_backend
+from ember.ops._validation import skip_value_checks
 from ember.ops.activation import silu_and_mul
 from ember.ops.attention import (
     flash_attn_func,
@@ -41,6 +42,7 @@ from ember.ops.sparse import compress_24, prune_24, sparse24_gemm
 __all__ = [
     "available_backends",
     "resolve_backend",
+    "skip_value_checks",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",

@@ -5,6 +5,8 @@ layout or value) whose message names the op, the argument and what was expected.
 never see inputs these checks reject.
 """
 
+import contextlib
+import contextvars
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -121,14 +123,37 @@ def check_softmax_scale(op: str, softmax_scale, head_dim: int) -> float:
     return scale
 
 
+_VALUE_CHECKS_SKIPPED = contextvars.ContextVar("ember_value_checks_skipped", default=False)
+
+
+@contextlib.contextmanager
+def skip_value_checks():
+    """Within this block, ops skip the checks that read tensor values back to the host: block
+    table entries, cache lengths and slot ranges against the cache. Shape, dtype and layout
+    checks still run.
+
+    For a caller that builds those values itself and cannot afford the read-backs: each is a
+    full device sync that stalls the launch queue. The engine's eager steps on a GPU run inside
+    it (a prompt-chunk step made ~270 attention and cache-write calls, each one sync), as its
+    CUDA graphs already do by construction. Out-of-range values then reach the kernels
+    unchecked.
+    """
+    token = _VALUE_CHECKS_SKIPPED.set(True)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS_SKIPPED.reset(token)
+
+
 def values_readable(device: torch.device) -> bool:
     """Whether checks that read tensor values back to the host may run now.
 
-    While a CUDA graph is being captured the values do not exist yet (and a read-back would
-    break the capture), so those checks are skipped there; the engine runs every captured
-    shape eagerly first, where they do run. Shape, dtype and layout checks always run.
+    Not inside ``skip_value_checks``, nor while a CUDA graph is being captured: the values do
+    not exist yet (and a read-back would break the capture). Shape, dtype and layout checks
+    always run.
     """
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return not (_VALUE_CHECKS_SKIPPED.get()
+                or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
 
 
 def rows_16b_aligned(t: torch.Tensor) -> bool:
