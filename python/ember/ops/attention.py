@@ -178,18 +178,19 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_bool(op, "return_lse", return_lse)
 
     # Values are checked on the host: one small copy, cheaper than a fault in a kernel.
-    cu_host = torch.stack([cu_seqlens_q, cu_seqlens_k]).cpu()
-    _check_cu_seqlens(op, "cu_seqlens_q", cu_host[0], total_q, max_seqlen_q, "max_seqlen_q")
-    lengths_k = _check_cu_seqlens(op, "cu_seqlens_k", cu_host[1], None if paged else k.shape[0],
-                                  max_seqlen_k, "max_seqlen_k")
     block_size = k.shape[1] if paged else None
-    if paged:
-        capacity = block_table.shape[1] * block_size
-        if int(lengths_k.max()) > capacity:
-            raise ValueError(f"{op}: cu_seqlens_k has a sequence of {int(lengths_k.max())} keys; "
-                             f"block_table rows hold at most {capacity} "
-                             f"({block_table.shape[1]} blocks of {block_size})")
-        _check_block_table(op, block_table, lengths_k, block_size, k.shape[0])
+    if values_readable(dev):
+        cu_host = torch.stack([cu_seqlens_q, cu_seqlens_k]).cpu()
+        _check_cu_seqlens(op, "cu_seqlens_q", cu_host[0], total_q, max_seqlen_q, "max_seqlen_q")
+        lengths_k = _check_cu_seqlens(op, "cu_seqlens_k", cu_host[1],
+                                      None if paged else k.shape[0], max_seqlen_k, "max_seqlen_k")
+        if paged:
+            capacity = block_table.shape[1] * block_size
+            if int(lengths_k.max()) > capacity:
+                raise ValueError(f"{op}: cu_seqlens_k has a sequence of {int(lengths_k.max())} "
+                                 f"keys; block_table rows hold at most {capacity} "
+                                 f"({block_table.shape[1]} blocks of {block_size})")
+            _check_block_table(op, block_table, lengths_k, block_size, k.shape[0])
 
     registry_op = "flash_attn_varlen_func.paged" if paged else op
     chosen = _registry.resolve_supported(op, registry_op, backend, dev,
