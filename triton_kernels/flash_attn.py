@@ -16,6 +16,12 @@ Inputs may have any token/head/batch strides with a contiguous head dim (q, k, v
 a fused QKV projection work as is). Head dims 64, 128, 256 run unpadded; 96 is padded to a
 128-wide tile with masked loads.
 
+Paged varlen (``block_table``): k/v are caches ``[num_blocks, page_size, heads_kv, d]`` and key
+j of sequence b lives at slot ``j % page_size`` of block ``block_table[b, j // page_size]``. The
+only difference is in the K/V tile loads: each tile reads its keys' block numbers (one int32
+per key, from L1/L2 after the first program) and gathers rows, so one launch covers a batch of
+prompt chunks over a paged cache. Any page size works; a tile may span several pages.
+
 FLOPs (for TFLOP/s): ``4 * batch * heads_q * seqlen_q * seqlen_k * head_dim`` (QK^T and PV, two
 multiply-adds per element each), halved for causal with ``seqlen_q == seqlen_k``; for varlen,
 the sum of the per-sequence terms. The kernel skips exactly the fully masked tiles, so the
@@ -50,20 +56,37 @@ def _load_tile(ptrs, rows, num_rows, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.
 
 
 @triton.jit
-def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start, end,
+def _kv_tile_offsets(start_n, keys, seqlen_k, bt_row, page_size, stride_b, stride_n,
+                     MASKED: tl.constexpr, PAGED: tl.constexpr):
+    """Element offsets of the tile's K (or V) rows from the head's base: 64-bit (an offset may
+    pass 2**31 on long sequences or large caches). Contiguous: ``start_n`` rows on; paged: each
+    key's block and slot (keys past the sequence read block 0, then are masked out)."""
+    if PAGED:
+        if MASKED:
+            blocks = tl.load(bt_row + keys // page_size, mask=keys < seqlen_k, other=0)
+        else:
+            blocks = tl.load(bt_row + keys // page_size)
+        return (blocks.to(tl.int64) * stride_b + (keys % page_size) * stride_n)[:, None]
+    return tl.cast(start_n, tl.int64) * stride_n
+
+
+@triton.jit
+def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kb, stride_kn, stride_vb, stride_vn,
+                 bt_row, page_size, start, end,
                  rows, cols, d_ok, seqlen_k, diag, window_left, window_right, qk_scale,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                 EVEN_D: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold keys ``[start, end)`` (``start`` a multiple of BLOCK_N) into the running state.
 
     ``m_i`` is the running row max of the scores in log2 units (already scaled), ``l_i`` the
-    running sum of ``exp2(score - m_i)``, ``acc`` the unnormalised output.
+    running sum of ``exp2(score - m_i)``, ``acc`` the unnormalised output. ``k_ptrs``/``v_ptrs``
+    address the tile's first key (contiguous) or the head's base (paged; see _kv_tile_offsets).
     """
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + cols
-        # 64-bit tile offset: start_n * stride may pass 2**31 on long sequences.
-        k = _load_tile(k_ptrs + tl.cast(start_n, tl.int64) * stride_kn, keys, seqlen_k, d_ok,
-                       MASKED, EVEN_D)
+        k_offsets = _kv_tile_offsets(start_n, keys, seqlen_k, bt_row, page_size, stride_kb,
+                                     stride_kn, MASKED, PAGED)
+        k = _load_tile(k_ptrs + k_offsets, keys, seqlen_k, d_ok, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             visible = keys[None, :] < seqlen_k
@@ -84,8 +107,9 @@ def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start, 
             p = tl.math.exp2(qk * qk_scale - shift[:, None])
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptrs + tl.cast(start_n, tl.int64) * stride_vn, keys, seqlen_k, d_ok,
-                       MASKED, EVEN_D)
+        v_offsets = _kv_tile_offsets(start_n, keys, seqlen_k, bt_row, page_size, stride_vb,
+                                     stride_vn, MASKED, PAGED)
+        v = _load_tile(v_ptrs + v_offsets, keys, seqlen_k, d_ok, MASKED, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -94,9 +118,10 @@ def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start, 
 # Strides and sizes that vary between calls are not specialised (no recompile per length);
 # head/token strides keep Triton's divisible-by-16 specialisation, which vectorises the loads.
 @triton.jit(do_not_specialize=["stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "group",
-                               "window_left", "window_right", "len_bucket_q", "len_bucket_k"])
+                               "window_left", "window_right", "len_bucket_q", "len_bucket_k",
+                               "stride_btb"])
 def _flash_attn_fwd_kernel(
-    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, BlockTable, stride_btb, page_size,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -105,8 +130,8 @@ def _flash_attn_fwd_kernel(
     seqlen_q, seqlen_k, group, qk_scale, window_left, window_right,
     len_bucket_q, len_bucket_k,  # autotuning keys only (length buckets), unused in the body
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, PAGED: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Query tiles launch last-first: with a causal mask the last tiles of a sequence are the
     # longest, and starting them first shortens the tail of the grid.
@@ -120,8 +145,12 @@ def _flash_attn_fwd_kernel(
         seqlen_k = tl.load(cu_seqlens_k + batch + 1) - k_first
         # 64-bit row offsets: total_tokens * row stride may exceed 2**31 elements.
         q_seq = q_first.to(tl.int64) * stride_qm
-        k_seq = k_first.to(tl.int64) * stride_kn
-        v_seq = k_first.to(tl.int64) * stride_vn
+        if PAGED:  # keys are found through the block table, tile by tile
+            k_seq = 0
+            v_seq = 0
+        else:
+            k_seq = k_first.to(tl.int64) * stride_kn
+            v_seq = k_first.to(tl.int64) * stride_vn
         o_seq = q_first.to(tl.int64) * stride_om
         l_seq = q_first.to(tl.int64)
     else:
@@ -168,24 +197,30 @@ def _flash_attn_fwd_kernel(
     o_seq += m_first.to(tl.int64) * stride_om
     q_ptrs = Q + q_seq + head * stride_qh + tile_rows[:, None] * stride_qm + offs_d[None, :]
     q = _load_tile(q_ptrs, rows, seqlen_q, d_ok, True, EVEN_D)
-    k_ptrs = K + k_seq + kv_head * stride_kh + cols[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + v_seq + kv_head * stride_vh + cols[:, None] * stride_vn + offs_d[None, :]
+    if PAGED:
+        k_ptrs = K + kv_head * stride_kh + offs_d[None, :]
+        v_ptrs = V + kv_head * stride_vh + offs_d[None, :]
+        bt_row = BlockTable + batch.to(tl.int64) * stride_btb
+    else:
+        k_ptrs = K + k_seq + kv_head * stride_kh + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + v_seq + kv_head * stride_vh + cols[:, None] * stride_vn + offs_d[None, :]
+        bt_row = BlockTable
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                                 lo, mid_lo, rows, cols, d_ok, seqlen_k, diag, window_left,
-                                 window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                 BLOCK_N)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                                 mid_lo, mid_hi, rows, cols, d_ok, seqlen_k, diag, window_left,
-                                 window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                 BLOCK_N)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                                 mid_hi, hi, rows, cols, d_ok, seqlen_k, diag, window_left,
-                                 window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                 BLOCK_N)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kb, stride_kn,
+                                 stride_vb, stride_vn, bt_row, page_size, lo, mid_lo, rows, cols,
+                                 d_ok, seqlen_k, diag, window_left, window_right, qk_scale,
+                                 True, HAS_LEFT, HAS_RIGHT, EVEN_D, PAGED, BLOCK_N)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kb, stride_kn,
+                                 stride_vb, stride_vn, bt_row, page_size, mid_lo, mid_hi, rows,
+                                 cols, d_ok, seqlen_k, diag, window_left, window_right, qk_scale,
+                                 False, HAS_LEFT, HAS_RIGHT, EVEN_D, PAGED, BLOCK_N)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kb, stride_kn,
+                                 stride_vb, stride_vn, bt_row, page_size, mid_hi, hi, rows, cols,
+                                 d_ok, seqlen_k, diag, window_left, window_right, qk_scale,
+                                 True, HAS_LEFT, HAS_RIGHT, EVEN_D, PAGED, BLOCK_N)
 
     # A row that saw no key has l = 0 and acc = 0: output 0 and lse = log(0) = -inf.
     empty = l_i == 0.0
@@ -231,7 +266,7 @@ def _kernel(head_dim: int):
         configs = _GPU_CONFIGS[head_dim]
     return triton.autotune(
         configs=configs,
-        key=["VARLEN", "HAS_LEFT", "HAS_RIGHT", "len_bucket_q", "len_bucket_k"],
+        key=["VARLEN", "PAGED", "HAS_LEFT", "HAS_RIGHT", "len_bucket_q", "len_bucket_k"],
     )(_flash_attn_fwd_kernel)
 
 
@@ -241,14 +276,16 @@ def _len_bucket(n: int) -> int:
 
 
 def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k,
-            softmax_scale, causal, window_left, window_right):
+            softmax_scale, causal, window_left, window_right, block_table=None):
     """Write attention into ``out`` and ``lse`` (both fully overwritten).
 
     Fixed length: q/out ``[b, sq, hq, d]``, k/v ``[b, sk, hkv, d]``, lse ``[b, hq, sq]``,
     cu_seqlens None. Varlen: q/out ``[total_q, hq, d]``, k/v ``[total_k, hkv, d]``,
-    lse ``[hq, total_q]``, int32 cu_seqlens ``[batch + 1]``.
+    lse ``[hq, total_q]``, int32 cu_seqlens ``[batch + 1]``; paged varlen: k/v
+    ``[num_blocks, page_size, hkv, d]`` and int32 ``block_table [batch, max_blocks]``.
     """
     varlen = cu_seqlens_q is not None
+    paged = block_table is not None
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
     if causal:  # the public functions already pass window_right = 0; direct callers may not
@@ -261,7 +298,12 @@ def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, 
     if window_right >= max_seqlen_q:
         window_right = -1
 
-    if varlen:
+    if paged:  # (block, slot, head) strides of the caches
+        strides_q = (0, *q.stride()[:2])
+        strides_k, strides_v = k.stride()[:3], v.stride()[:3]
+        strides_o = (0, *out.stride()[:2])
+        strides_l = (0, lse.stride(0))
+    elif varlen:
         strides_q = (0, *q.stride()[:2])
         strides_k = (0, *k.stride()[:2])
         strides_v = (0, *v.stride()[:2])
@@ -276,12 +318,13 @@ def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, 
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads_q, batch)
 
     _kernel(head_dim)[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_table,
+        block_table.stride(0) if paged else 0, k.shape[1] if paged else 1,
         *strides_q, *strides_k, *strides_v, *strides_o, *strides_l,
         max_seqlen_q, max_seqlen_k, heads_q // heads_kv, softmax_scale * LOG2E,
         window_left, window_right, _len_bucket(max_seqlen_q), _len_bucket(max_seqlen_k),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), VARLEN=varlen,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
     )
 
 
@@ -301,16 +344,20 @@ def flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int,
 
 
 def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                      softmax_scale: float, causal: bool, window_left: int, window_right: int):
+                      softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                      block_table=None):
     """Varlen attention (inputs validated by ``ember.ops.flash_attn_varlen_func``).
 
-    q ``[total_q, hq, d]``, k/v ``[total_k, hkv, d]``, int32 cu_seqlens ``[batch + 1]``;
-    ``max_seqlen_q/k`` must be at least the longest sequence. Returns ``out``
-    ``[total_q, hq, d]`` and float32 ``lse`` ``[hq, total_q]``.
+    q ``[total_q, hq, d]``, k/v ``[total_k, hkv, d]`` (or, with int32 ``block_table [batch,
+    max_blocks]``, paged caches ``[num_blocks, page_size, hkv, d]``: only the differences of
+    cu_seqlens_k are read, as lengths), int32 cu_seqlens ``[batch + 1]``; ``max_seqlen_q/k``
+    must be at least the longest sequence. Returns ``out`` ``[total_q, hq, d]`` and float32
+    ``lse`` ``[hq, total_q]``.
     """
     total_q, heads_q, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
     _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.numel() - 1,
-            max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right)
+            max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+            block_table)
     return out, lse

@@ -371,8 +371,12 @@ def test_inputs_kernels_cannot_take_go_to_torch(spy_triton, monkeypatch, change,
 
 
 def test_paged_varlen_is_its_own_registry_op(spy_triton, monkeypatch):
-    # A backend registered for packed varlen only must not be picked for paged K/V.
+    # A backend registered for packed varlen only (as the CUDA one is) must not be picked for
+    # paged K/V: here "triton" is made such a backend.
     calls = spy_triton("flash_attn_varlen_func")
+    paged = "flash_attn_varlen_func.paged"
+    torch_only = {"torch": _registry.implementation(paged, "torch")}
+    monkeypatch.setitem(_registry._IMPLS, paged, torch_only)
     monkeypatch.setenv("EMBER_BACKEND", "triton")
     ember.ops.flash_attn_varlen_func(**varlen_args(paged=True))
     assert not calls

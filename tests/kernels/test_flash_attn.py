@@ -296,6 +296,76 @@ def test_flash_attn_varlen_matches_padded_batch(backend, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# flash_attn_varlen_func over paged caches (block_table)
+# ----------------------------------------------------------------------------------------------
+
+def paged_caches(k, v, lens_k, page_size):
+    """k/v ``[total_k, hkv, d]`` scattered into caches ``[num_blocks, page_size, hkv, d]``: each
+    sequence's pages in shuffled blocks, two spare blocks, NaN in every slot no key fills (so a
+    kernel that reads past a sequence shows), and an int32 block table whose unused entries are
+    -1."""
+    pages = [-(-length // page_size) for length in lens_k]
+    num_blocks = sum(pages) + 2
+    order = torch.randperm(num_blocks).tolist()
+    k_cache = torch.full((num_blocks, page_size, *k.shape[1:]), float("nan"), dtype=k.dtype,
+                         device=k.device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    table = torch.full((len(lens_k), max(pages, default=0) + 1), -1, dtype=torch.int32)
+    first = 0
+    for b, length in enumerate(lens_k):
+        for page in range(pages[b]):
+            block = order.pop()
+            table[b, page] = block
+            rows = slice(first + page * page_size, first + min((page + 1) * page_size, length))
+            k_cache[block, :rows.stop - rows.start] = k[rows]
+            v_cache[block, :rows.stop - rows.start] = v[rows]
+        first += length
+    return k_cache, v_cache, table.to(k.device)
+
+
+def check_flash_attn_varlen_paged(case: VarlenCase, page_size, dtype, backend, device):
+    lens_q = list(case.lens_q)
+    lens_k = list(case.lens_q if case.lens_k is None else case.lens_k)
+    q, k, v = projections((), sum(lens_q), sum(lens_k), *case.heads, case.head_dim, dtype,
+                          device)
+    k_cache, v_cache, table = paged_caches(k, v, lens_k, page_size)
+    args = (q, k_cache, v_cache, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device),
+            max(lens_q), max(lens_k))
+    kwargs = dict(causal=case.causal, window_size=case.window, return_lse=True,
+                  block_table=table)
+    ref_out, ref_lse = reference.flash_attn_varlen_func(*args, **kwargs)
+    lowp_out, _ = reference.flash_attn_varlen_func(*args, **kwargs, upcast=False)
+    out, lse = ember.ops.flash_attn_varlen_func(*args, **kwargs, backend=backend)
+    check_result(out, lse, ref_out, ref_lse, lowp_out, q, token_dim=0)
+
+
+@pytest.mark.parametrize("backend,device", _backends("flash_attn_varlen_func.paged"))
+@pytest.mark.parametrize("page_size", [16, 48])
+@pytest.mark.parametrize("case", list(VARLEN_CPU_CASES.values()), ids=list(VARLEN_CPU_CASES))
+def test_flash_attn_varlen_paged_small(backend, device, page_size, case, poisoned_outputs):
+    _skip_unimplemented("flash_attn_varlen_func.paged", backend)
+    dtypes = [torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16]
+    for dtype in dtypes:
+        check_flash_attn_varlen_paged(case, page_size, dtype, backend, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("spec", list(VARLEN_GPU_CASES.values()), ids=list(VARLEN_GPU_CASES))
+def test_flash_attn_varlen_paged_gpu(backend, dtype, page_size, spec, poisoned_outputs):
+    """Prompt chunks over a paged cache: a chunk's keys are its cached prefix and itself."""
+    _skip_unimplemented("flash_attn_varlen_func.paged", backend)
+    spec = dict(spec)
+    same_k = spec.pop("same_k", True)
+    lens_q = (1, 2000, 17, 257) + random_lengths(3, 1, 2000)
+    lens_k = None if same_k else (255, 1, 2000, 128) + random_lengths(3, 1, 2000)
+    check_flash_attn_varlen_paged(VarlenCase(lens_q=lens_q, lens_k=lens_k, **spec), page_size,
+                                  dtype, backend, "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
 # Errors of the public functions: a clear exception naming the argument, before any kernel
 # ----------------------------------------------------------------------------------------------
 

@@ -741,6 +741,8 @@ _registry.register("merge_attn_states",
 _registry.register("flash_attn_func", triton="ember.triton_kernels.flash_attn:flash_attn")
 _registry.register("flash_attn_varlen_func",
                    triton="ember.triton_kernels.flash_attn:flash_attn_varlen")
+_registry.register("flash_attn_varlen_func.paged",
+                   triton="ember.triton_kernels.flash_attn:flash_attn_varlen")
 _registry.register("flash_attn_func", nki="ember.neuron_kernels.attention:flash_attn")
 _registry.register("flash_attn_with_kvcache",
                    nki="ember.neuron_kernels.decode_attention:flash_attn_with_kvcache")
