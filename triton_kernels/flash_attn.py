@@ -56,18 +56,14 @@ def _load_tile(ptrs, rows, num_rows, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.
 
 
 @triton.jit
-def _kv_tile_offsets(start_n, keys, seqlen_k, bt_row, page_size, stride_b, stride_n,
-                     MASKED: tl.constexpr, PAGED: tl.constexpr):
-    """Element offsets of the tile's K (or V) rows from the head's base: 64-bit (an offset may
-    pass 2**31 on long sequences or large caches). Contiguous: ``start_n`` rows on; paged: each
-    key's block and slot (keys past the sequence read block 0, then are masked out)."""
-    if PAGED:
-        if MASKED:
-            blocks = tl.load(bt_row + keys // page_size, mask=keys < seqlen_k, other=0)
-        else:
-            blocks = tl.load(bt_row + keys // page_size)
-        return (blocks.to(tl.int64) * stride_b + (keys % page_size) * stride_n)[:, None]
-    return tl.cast(start_n, tl.int64) * stride_n
+def _tile_pages(keys, seqlen_k, bt_row, page_size, MASKED: tl.constexpr):
+    """Paged caches: the block (int64) and slot of each key of a tile; keys past the sequence
+    read block 0 and are masked out by the tile loads."""
+    if MASKED:
+        blocks = tl.load(bt_row + keys // page_size, mask=keys < seqlen_k, other=0)
+    else:
+        blocks = tl.load(bt_row + keys // page_size)
+    return blocks.to(tl.int64), keys % page_size
 
 
 @triton.jit
@@ -80,12 +76,18 @@ def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kb, stride_kn, stride_
 
     ``m_i`` is the running row max of the scores in log2 units (already scaled), ``l_i`` the
     running sum of ``exp2(score - m_i)``, ``acc`` the unnormalised output. ``k_ptrs``/``v_ptrs``
-    address the tile's first key (contiguous) or the head's base (paged; see _kv_tile_offsets).
+    address the tile's first key (contiguous) or the head's base (paged).
     """
     for start_n in range(start, end, BLOCK_N):
         keys = start_n + cols
-        k_offsets = _kv_tile_offsets(start_n, keys, seqlen_k, bt_row, page_size, stride_kb,
-                                     stride_kn, MASKED, PAGED)
+        # 64-bit offsets of the tile's rows: they may pass 2**31 on long sequences or caches.
+        if PAGED:
+            blocks, slots = _tile_pages(keys, seqlen_k, bt_row, page_size, MASKED)
+            k_offsets = (blocks * stride_kb + slots * stride_kn)[:, None]
+            v_offsets = (blocks * stride_vb + slots * stride_vn)[:, None]
+        else:
+            k_offsets = tl.cast(start_n, tl.int64) * stride_kn
+            v_offsets = tl.cast(start_n, tl.int64) * stride_vn
         k = _load_tile(k_ptrs + k_offsets, keys, seqlen_k, d_ok, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
@@ -107,8 +109,6 @@ def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kb, stride_kn, stride_
             p = tl.math.exp2(qk * qk_scale - shift[:, None])
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_offsets = _kv_tile_offsets(start_n, keys, seqlen_k, bt_row, page_size, stride_vb,
-                                     stride_vn, MASKED, PAGED)
         v = _load_tile(v_ptrs + v_offsets, keys, seqlen_k, d_ok, MASKED, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
