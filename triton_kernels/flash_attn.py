@@ -298,17 +298,14 @@ def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, 
     if window_right >= max_seqlen_q:
         window_right = -1
 
-    if paged:  # (block, slot, head) strides of the caches
+    if varlen:
         strides_q = (0, *q.stride()[:2])
-        strides_k, strides_v = k.stride()[:3], v.stride()[:3]
         strides_o = (0, *out.stride()[:2])
         strides_l = (0, lse.stride(0))
-    elif varlen:
-        strides_q = (0, *q.stride()[:2])
-        strides_k = (0, *k.stride()[:2])
-        strides_v = (0, *v.stride()[:2])
-        strides_o = (0, *out.stride()[:2])
-        strides_l = (0, lse.stride(0))
+        if paged:  # (block, slot, head) strides of the caches
+            strides_k, strides_v = k.stride()[:3], v.stride()[:3]
+        else:
+            strides_k, strides_v = (0, *k.stride()[:2]), (0, *v.stride()[:2])
     else:
         strides_q, strides_k, strides_v = q.stride()[:3], k.stride()[:3], v.stride()[:3]
         strides_o = out.stride()[:3]
