@@ -368,6 +368,13 @@ struct PageList {
 // caches land in swizzled tiles ready for ldmatrix, fp8 caches in the fp8 tile layout
 // (fp8_chunk_offset). Keys at or past seqlen_k are zero-filled without a read, so their
 // block_table entries are never looked up either.
+//
+// The address arithmetic is kept short on purpose: with one split per sequence a CTA's tiles are
+// a chain of one warp's dependent instructions (ncu, 2048 keys in one split: ~3.5 cycles between
+// a warp's issues, nothing else eligible), and per 16-byte copy pair the old form spent ~65
+// instructions on 64 x 64-bit stride products, reloaded constants and select chains. Here a
+// copy's source is one 32 x 32 -> 64-bit multiply-add for the block (entries are non-negative)
+// and one for the row (row strides fit 32 bits: the launcher checks), per K and per V.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
                                              const PageList& pages, int b, int kv_head, int tile,
@@ -381,40 +388,49 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
   asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
   const E* k = static_cast<const E*>(p.k_cache) + kv_head * p.k_head_stride;
   const E* v = static_cast<const E*>(p.v_cache) + kv_head * p.v_head_stride;
+  const bool paged = p.block_table != nullptr;
+  const uint32_t k_row_stride = static_cast<uint32_t>(p.k_row_stride);
+  const uint32_t v_row_stride = static_cast<uint32_t>(p.v_row_stride);
 #pragma unroll
   for (int i = 0; i < (kItems + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
-    const int idx = i * Cfg::kThreads + tid;
+    // Unsigned, so that row and chunk are shifts and masks of tid and the swizzled destination
+    // differs between items by constants.
+    const uint32_t idx = i * Cfg::kThreads + static_cast<uint32_t>(tid);
     if (kItems % Cfg::kThreads == 0 || idx < kItems) {
-      const int row = idx / Cfg::kCopyChunks;
-      const int chunk = idx % Cfg::kCopyChunks;
+      const int row = static_cast<int>(idx / Cfg::kCopyChunks);
+      const int chunk = static_cast<int>(idx % Cfg::kCopyChunks);
       const int key = tile * Cfg::kBlockN + row;
       // An fp8 tile's new-token row gets the cache's old bytes, which quantize_new_row
       // overwrites once the tile has landed (no extra test here: fp8 tiles stream 16-32 KB).
       const bool valid = key < seqlen_k;
-      int64_t block = b;
-      int slot = key;
-      if (p.block_table != nullptr && valid) {
+      // A key past the end reads nothing, but still gets an in-range address: row 0 of block 0
+      // (paged) or of its own sequence (contiguous).
+      uint32_t block = paged ? 0u : static_cast<uint32_t>(b);
+      uint32_t slot = valid ? static_cast<uint32_t>(key) : 0u;
+      if (paged && valid) {
         const int page = page_of(p, key);
-        slot = key - page * p.page_size;
-        block = pages.entries[page - pages.first];
-      }
-      const E* k_src = valid ? k + block * p.k_batch_stride + slot * p.k_row_stride : k;
-      const E* v_src = valid ? v + block * p.v_batch_stride + slot * p.v_row_stride : v;
-      if (!Cfg::kFp8 && key == new_pos) {  // the new token: not in the cache yet
-        k_src = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
-                kv_head * p.new_k_head_stride;
-        v_src = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
-                kv_head * p.new_v_head_stride;
+        slot = static_cast<uint32_t>(key - page * p.page_size);
+        block = static_cast<uint32_t>(pages.entries[page - pages.first]);
       }
       const int col = chunk * Cfg::kCopyElems;
+      const E* k_src = k + static_cast<uint64_t>(block) * p.k_batch_stride +
+                       (static_cast<uint64_t>(slot) * k_row_stride + col);
+      const E* v_src = v + static_cast<uint64_t>(block) * p.v_batch_stride +
+                       (static_cast<uint64_t>(slot) * v_row_stride + col);
+      if (!Cfg::kFp8 && key == new_pos) {  // the new token: not in the cache yet
+        k_src = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
+                kv_head * p.new_k_head_stride + col;
+        v_src = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
+                kv_head * p.new_v_head_stride + col;
+      }
       uint32_t dst;
       if constexpr (Cfg::kFp8) {
         dst = fp8_chunk_offset<Cfg>(row, chunk);
       } else {
         dst = tile_offset<Cfg, Cfg::kBlockN>(row, chunk);
       }
-      cp_async_16(s_k + dst, k_src + col, valid);
-      cp_async_16(s_v + dst, v_src + col, valid);
+      cp_async_16(s_k + dst, k_src, valid);
+      cp_async_16(s_v + dst, v_src, valid);
     }
   }
 }
