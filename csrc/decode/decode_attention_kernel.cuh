@@ -391,6 +391,16 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
   const bool paged = p.block_table != nullptr;
   const uint32_t k_row_stride = static_cast<uint32_t>(p.k_row_stride);
   const uint32_t v_row_stride = static_cast<uint32_t>(p.v_row_stride);
+  // The new token's rows, computed once: a per-copy computation behind a branch (instead of a
+  // select between two live pointers) cost SmolLM2's decode step 2.5% on the H100.
+  const E* new_k = nullptr;
+  const E* new_v = nullptr;
+  if (!Cfg::kFp8 && new_pos >= 0) {
+    new_k = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
+            kv_head * p.new_k_head_stride;
+    new_v = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
+            kv_head * p.new_v_head_stride;
+  }
 #pragma unroll
   for (int i = 0; i < (kItems + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
     // Unsigned, so that row and chunk are shifts and masks of tid and the swizzled destination
@@ -412,25 +422,23 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
         slot = static_cast<uint32_t>(key - page * p.page_size);
         block = static_cast<uint32_t>(pages.entries[page - pages.first]);
       }
-      const int col = chunk * Cfg::kCopyElems;
       const E* k_src = k + static_cast<uint64_t>(block) * p.k_batch_stride +
-                       (static_cast<uint64_t>(slot) * k_row_stride + col);
+                       static_cast<uint64_t>(slot) * k_row_stride;
       const E* v_src = v + static_cast<uint64_t>(block) * p.v_batch_stride +
-                       (static_cast<uint64_t>(slot) * v_row_stride + col);
+                       static_cast<uint64_t>(slot) * v_row_stride;
       if (!Cfg::kFp8 && key == new_pos) {  // the new token: not in the cache yet
-        k_src = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
-                kv_head * p.new_k_head_stride + col;
-        v_src = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
-                kv_head * p.new_v_head_stride + col;
+        k_src = new_k;
+        v_src = new_v;
       }
+      const int col = chunk * Cfg::kCopyElems;
       uint32_t dst;
       if constexpr (Cfg::kFp8) {
         dst = fp8_chunk_offset<Cfg>(row, chunk);
       } else {
         dst = tile_offset<Cfg, Cfg::kBlockN>(row, chunk);
       }
-      cp_async_16(s_k + dst, k_src, valid);
-      cp_async_16(s_v + dst, v_src, valid);
+      cp_async_16(s_k + dst, k_src + col, valid);
+      cp_async_16(s_v + dst, v_src + col, valid);
     }
   }
 }
