@@ -371,10 +371,11 @@ struct PageList {
 //
 // The address arithmetic is kept short on purpose: with one split per sequence a CTA's tiles are
 // a chain of one warp's dependent instructions (ncu, 2048 keys in one split: ~3.5 cycles between
-// a warp's issues, nothing else eligible), and per 16-byte copy pair the old form spent ~65
-// instructions on 64 x 64-bit stride products, reloaded constants and select chains. Here a
-// copy's source is one 32 x 32 -> 64-bit multiply-add for the block (entries are non-negative)
-// and one for the row (row strides fit 32 bits: the launcher checks), per K and per V.
+// a warp's issues, nothing else eligible), and per 16-byte copy pair the old form spent 62-108
+// static instructions (sm_90a SASS) on 64 x 64-bit stride products, reloaded constants and
+// per-copy branches. Here, per K and per V, a copy's source is an unsigned 32-bit block number
+// times the 64-bit block stride (entries are non-negative) plus a 32 x 32 -> 64-bit row product
+// (row strides fit 32 bits: the launcher checks): 41-47 instructions per pair, no branch.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
                                              const PageList& pages, int b, int kv_head, int tile,
