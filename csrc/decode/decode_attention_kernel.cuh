@@ -75,6 +75,7 @@ namespace ember {
 namespace decode {
 
 using flash::cp_async_16;
+using flash::cp_async_4;
 using flash::cp_async_commit;
 using flash::cp_async_wait;
 using flash::frag_addr;
@@ -822,6 +823,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int group = p.heads_q / p.heads_kv;
   const int r0 = m_block * kBM;
   const int rows_here = min(kBM, group * p.seqlen_q - r0);
+
+  // Loads that do not depend on the sequence's length go out before it is read, so that their
+  // round trips overlap that read: the CTA's query rows, and for the first split (which starts
+  // at page 0 unless a window moves it) the sequence's first block-table entries, staged on
+  // speculation and used when the split's pages lie among them. Why: in a single-token decode
+  // step the prologue is a chain of dependent DRAM round trips (the kernel before, cuBLAS, does
+  // not launch this one early), and the block-table read was its own link after the length.
+  const uint32_t s_q = smem_u32(smem);
+  int* const staged_pages = reinterpret_cast<int*>(smem + Cfg::kPagesOffset);
+  const int speculated_pages =
+      p.block_table != nullptr && split == 0 ? min(p.max_blocks, kStagedPages) : 0;
+  for (int i = tid; i < speculated_pages; i += Cfg::kThreads) {
+    cp_async_4(smem_u32(staged_pages + i),
+               p.block_table + static_cast<int64_t>(b) * p.max_blocks + i);
+  }
+  cp_async_commit();  // the block-table group (empty unless speculated)
+  load_q_tile<Cfg>(s_q, p, b, kv_head, group, r0, rows_here, tid);
+  cp_async_commit();  // the Q group
+
   // With a new token, seqlens_k counts the keys before it.
   const int seqlen_k = min(p.seqlens_k[b] + (p.new_k != nullptr ? 1 : 0), p.capacity);
   const int new_pos = p.new_k != nullptr && seqlen_k > 0 ? seqlen_k - 1 : -1;
@@ -841,14 +861,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   // Splits holding tiles (at least one, so that a row block without keys is still written).
   // The others have nothing to contribute: they leave at once, and the last live split merges.
   const int live_splits = num_tiles == 0 ? 1 : (num_tiles + per_split - 1) / per_split;
-  if (split >= live_splits) return;
+  if (split >= live_splits) {
+    cp_async_wait<0>();  // its Q copies: nothing may land in the shared memory of a CTA that left
+    return;
+  }
   const int t_begin = tile_lo + split * per_split;
   const int t_end = min(t_begin + per_split, tile_lo + num_tiles);
 
   float scale_log2 = p.softmax_scale * kLog2e;
   if constexpr (Cfg::kFp8) scale_log2 *= *p.k_scale;
 
-  const uint32_t s_q = smem_u32(smem);
   const uint32_t s_stages = s_q + Cfg::kQBytes;  // stage s: K at s * kStageBytes, V after it
 
   float acc_o[Cfg::kDTiles][4];
@@ -882,19 +904,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     }
     const LaneOffsets<Cfg> lo = lane_offsets<Cfg>(lane);
 
-    load_q_tile<Cfg>(s_q, p, b, kv_head, group, r0, rows_here, tid);
-    cp_async_commit();
-    // The split's block-table entries, staged in one round trip while Q lands (PageList).
+    // The split's block-table entries, staged in shared memory (PageList): the speculative
+    // copy from the start where it covers them, else one round trip while Q lands.
     PageList pages{nullptr, 0};
     if (p.block_table != nullptr) {
       pages.entries = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
       const int first = page_of(p, t_begin * kBN);
       const int count = page_of(p, min(t_end * kBN, seqlen_k) - 1) - first + 1;
-      if (count <= kStagedPages) {
-        int* staged = reinterpret_cast<int*>(smem + Cfg::kPagesOffset);
-        for (int i = tid; i < count; i += Cfg::kThreads) staged[i] = pages.entries[first + i];
+      // This thread's speculative copies have landed (the newer Q group may not have). Staging
+      // below writes the same entries per thread, so no other thread's copy can race it.
+      if (speculated_pages > 0) cp_async_wait<1>();
+      if (first == 0 && count <= speculated_pages) {
         __syncthreads();
-        pages = {staged, first};
+        pages = {staged_pages, 0};
+      } else if (count <= kStagedPages) {
+        for (int i = tid; i < count; i += Cfg::kThreads) staged_pages[i] = pages.entries[first + i];
+        __syncthreads();
+        pages = {staged_pages, first};
       }
     }
     // Prologue: the first kStages - 1 tiles, one commit group each (empty groups keep the count
