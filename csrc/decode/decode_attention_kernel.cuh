@@ -75,6 +75,7 @@ namespace ember {
 namespace decode {
 
 using flash::cp_async_16;
+using flash::cp_async_4;
 using flash::cp_async_commit;
 using flash::cp_async_wait;
 using flash::frag_addr;
@@ -368,6 +369,14 @@ struct PageList {
 // caches land in swizzled tiles ready for ldmatrix, fp8 caches in the fp8 tile layout
 // (fp8_chunk_offset). Keys at or past seqlen_k are zero-filled without a read, so their
 // block_table entries are never looked up either.
+//
+// The address arithmetic is kept short on purpose: with one split per sequence a CTA's tiles are
+// a chain of one warp's dependent instructions (ncu, 2048 keys in one split: ~3.5 cycles between
+// a warp's issues, nothing else eligible), and per 16-byte copy pair the old form spent 62-108
+// static instructions (sm_90a SASS) on 64 x 64-bit stride products, reloaded constants and
+// per-copy branches. Here, per K and per V, a copy's source is an unsigned 32-bit block number
+// times the 64-bit block stride (entries are non-negative) plus a 32 x 32 -> 64-bit row product
+// (row strides fit 32 bits: the launcher checks): 41-47 instructions per pair, no branch.
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
                                              const PageList& pages, int b, int kv_head, int tile,
@@ -381,30 +390,47 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
   asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
   const E* k = static_cast<const E*>(p.k_cache) + kv_head * p.k_head_stride;
   const E* v = static_cast<const E*>(p.v_cache) + kv_head * p.v_head_stride;
+  const bool paged = p.block_table != nullptr;
+  const uint32_t k_row_stride = static_cast<uint32_t>(p.k_row_stride);
+  const uint32_t v_row_stride = static_cast<uint32_t>(p.v_row_stride);
+  // The new token's rows, computed once: a per-copy computation behind a branch (instead of a
+  // select between two live pointers) cost SmolLM2's decode step 2.5% on the H100.
+  const E* new_k = nullptr;
+  const E* new_v = nullptr;
+  if (!Cfg::kFp8 && new_pos >= 0) {
+    new_k = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
+            kv_head * p.new_k_head_stride;
+    new_v = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
+            kv_head * p.new_v_head_stride;
+  }
 #pragma unroll
   for (int i = 0; i < (kItems + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
-    const int idx = i * Cfg::kThreads + tid;
+    // Unsigned, so that row and chunk are shifts and masks of tid and the swizzled destination
+    // differs between items by constants.
+    const uint32_t idx = i * Cfg::kThreads + static_cast<uint32_t>(tid);
     if (kItems % Cfg::kThreads == 0 || idx < kItems) {
-      const int row = idx / Cfg::kCopyChunks;
-      const int chunk = idx % Cfg::kCopyChunks;
+      const int row = static_cast<int>(idx / Cfg::kCopyChunks);
+      const int chunk = static_cast<int>(idx % Cfg::kCopyChunks);
       const int key = tile * Cfg::kBlockN + row;
       // An fp8 tile's new-token row gets the cache's old bytes, which quantize_new_row
       // overwrites once the tile has landed (no extra test here: fp8 tiles stream 16-32 KB).
       const bool valid = key < seqlen_k;
-      int64_t block = b;
-      int slot = key;
-      if (p.block_table != nullptr && valid) {
+      // A key past the end reads nothing, but still gets an in-range address: row 0 of block 0
+      // (paged) or of its own sequence (contiguous).
+      uint32_t block = paged ? 0u : static_cast<uint32_t>(b);
+      uint32_t slot = valid ? static_cast<uint32_t>(key) : 0u;
+      if (paged && valid) {
         const int page = page_of(p, key);
-        slot = key - page * p.page_size;
-        block = pages.entries[page - pages.first];
+        slot = static_cast<uint32_t>(key - page * p.page_size);
+        block = static_cast<uint32_t>(pages.entries[page - pages.first]);
       }
-      const E* k_src = valid ? k + block * p.k_batch_stride + slot * p.k_row_stride : k;
-      const E* v_src = valid ? v + block * p.v_batch_stride + slot * p.v_row_stride : v;
+      const E* k_src = k + static_cast<uint64_t>(block) * p.k_batch_stride +
+                       static_cast<uint64_t>(slot) * k_row_stride;
+      const E* v_src = v + static_cast<uint64_t>(block) * p.v_batch_stride +
+                       static_cast<uint64_t>(slot) * v_row_stride;
       if (!Cfg::kFp8 && key == new_pos) {  // the new token: not in the cache yet
-        k_src = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
-                kv_head * p.new_k_head_stride;
-        v_src = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
-                kv_head * p.new_v_head_stride;
+        k_src = new_k;
+        v_src = new_v;
       }
       const int col = chunk * Cfg::kCopyElems;
       uint32_t dst;
@@ -797,6 +823,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int group = p.heads_q / p.heads_kv;
   const int r0 = m_block * kBM;
   const int rows_here = min(kBM, group * p.seqlen_q - r0);
+
+  // Loads that do not depend on the sequence's length go out before it is read, so that their
+  // round trips overlap that read: the CTA's query rows, and for the first split (which starts
+  // at page 0 unless a window moves it) the sequence's first block-table entries, staged on
+  // speculation and used when the split's pages lie among them. Why: in a single-token decode
+  // step the prologue is a chain of dependent DRAM round trips (the kernel before, cuBLAS, does
+  // not launch this one early), and the block-table read was its own link after the length.
+  const uint32_t s_q = smem_u32(smem);
+  int* const staged_pages = reinterpret_cast<int*>(smem + Cfg::kPagesOffset);
+  const int speculated_pages =
+      p.block_table != nullptr && split == 0 ? min(p.max_blocks, kStagedPages) : 0;
+  for (int i = tid; i < speculated_pages; i += Cfg::kThreads) {
+    cp_async_4(smem_u32(staged_pages + i),
+               p.block_table + static_cast<int64_t>(b) * p.max_blocks + i);
+  }
+  cp_async_commit();  // the block-table group (empty unless speculated)
+  load_q_tile<Cfg>(s_q, p, b, kv_head, group, r0, rows_here, tid);
+  cp_async_commit();  // the Q group
+
   // With a new token, seqlens_k counts the keys before it.
   const int seqlen_k = min(p.seqlens_k[b] + (p.new_k != nullptr ? 1 : 0), p.capacity);
   const int new_pos = p.new_k != nullptr && seqlen_k > 0 ? seqlen_k - 1 : -1;
@@ -816,14 +861,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   // Splits holding tiles (at least one, so that a row block without keys is still written).
   // The others have nothing to contribute: they leave at once, and the last live split merges.
   const int live_splits = num_tiles == 0 ? 1 : (num_tiles + per_split - 1) / per_split;
-  if (split >= live_splits) return;
+  if (split >= live_splits) {
+    cp_async_wait<0>();  // its Q copies: nothing may land in the shared memory of a CTA that left
+    return;
+  }
   const int t_begin = tile_lo + split * per_split;
   const int t_end = min(t_begin + per_split, tile_lo + num_tiles);
 
   float scale_log2 = p.softmax_scale * kLog2e;
   if constexpr (Cfg::kFp8) scale_log2 *= *p.k_scale;
 
-  const uint32_t s_q = smem_u32(smem);
   const uint32_t s_stages = s_q + Cfg::kQBytes;  // stage s: K at s * kStageBytes, V after it
 
   float acc_o[Cfg::kDTiles][4];
@@ -857,19 +904,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     }
     const LaneOffsets<Cfg> lo = lane_offsets<Cfg>(lane);
 
-    load_q_tile<Cfg>(s_q, p, b, kv_head, group, r0, rows_here, tid);
-    cp_async_commit();
-    // The split's block-table entries, staged in one round trip while Q lands (PageList).
+    // The split's block-table entries, staged in shared memory (PageList): the speculative
+    // copy from the start where it covers them, else one round trip while Q lands.
     PageList pages{nullptr, 0};
     if (p.block_table != nullptr) {
       pages.entries = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
       const int first = page_of(p, t_begin * kBN);
       const int count = page_of(p, min(t_end * kBN, seqlen_k) - 1) - first + 1;
-      if (count <= kStagedPages) {
-        int* staged = reinterpret_cast<int*>(smem + Cfg::kPagesOffset);
-        for (int i = tid; i < count; i += Cfg::kThreads) staged[i] = pages.entries[first + i];
+      // This thread's speculative copies have landed (the newer Q group may not have). Staging
+      // below writes the same entries per thread, so no other thread's copy can race it.
+      if (speculated_pages > 0) cp_async_wait<1>();
+      if (first == 0 && count <= speculated_pages) {
         __syncthreads();
-        pages = {staged, first};
+        pages = {staged_pages, 0};
+      } else if (count <= kStagedPages) {
+        for (int i = tid; i < count; i += Cfg::kThreads) staged_pages[i] = pages.entries[first + i];
+        __syncthreads();
+        pages = {staged_pages, first};
       }
     }
     // Prologue: the first kStages - 1 tiles, one commit group each (empty groups keep the count
