@@ -7,6 +7,7 @@
 
 #include "common/binding_args.h"
 #include "copy/multi_copy.h"
+#include "copy/prefetch_l2.h"
 
 namespace py = pybind11;
 using std::intptr_t;
@@ -32,6 +33,13 @@ void bind_copy(py::module_& m) {
       },
       "copy regions [(dst, src, rows, row_bytes, dst_pitch, src_pitch, dst_on_host, "
       "src_on_host)] in one kernel (raw pointers; use ember.ops.multi_copy)");
+  m.def(
+      "prefetch_l2",
+      [](intptr_t base, int64_t rows, int64_t pitch, int64_t prefix_bytes, intptr_t stream) {
+        prefetch_l2(ptr_arg<const void>(base), rows, pitch, prefix_bytes, stream);
+      },
+      "request the first prefix_bytes of each row into L2 (raw pointers; use "
+      "ember.ops.prefetch_l2)");
 }
 
 }  // namespace ember

@@ -22,7 +22,7 @@ from ember.ops.attention import (
     flash_attn_with_kvcache,
     merge_attn_states,
 )
-from ember.ops.copy import multi_copy
+from ember.ops.copy import multi_copy, prefetch_l2
 from ember.ops.kvcache import store_kvcache
 from ember.ops.linear import skinny_linear
 from ember.ops.moe import fused_moe, grouped_gemm, moe_align
@@ -69,6 +69,7 @@ __all__ = [
     # Engine glue
     "fused_add_rms_norm",
     "multi_copy",
+    "prefetch_l2",
     "rms_norm",
     "rotary_embedding",
     "rotary_embedding_and_store_kvcache",

@@ -806,3 +806,7 @@ def multi_copy(dsts, srcs):
     """Copy each ``srcs[i]`` into ``dsts[i]``, ordered on the stream as ``non_blocking`` copies."""
     for dst, src in zip(dsts, srcs, strict=True):
         dst.copy_(src, non_blocking=True)
+
+
+def prefetch_l2(t, rows, pitch, prefix_bytes):
+    """A cache hint has no result; off the GPU there is no L2 to warm."""
