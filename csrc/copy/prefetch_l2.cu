@@ -14,17 +14,19 @@
 // not use it (bench/results/engine_probes_h100.md, session 21).
 //
 // Bytes: rows * prefix_bytes requested from DRAM into L2; nothing is written. Work: one bulk
-// prefetch instruction per row on sm_90 (common/prefetch_l2.cuh).
+// prefetch instruction per row on sm_90 (cp.async.bulk.prefetch.L2: the copy engine walks the
+// row), one prefetch per 128-byte line before that.
 //
 // The kernel issues its requests before waiting on the grids before it (the matrix is constant:
 // no earlier kernel writes it), then waits, so that kernels launched after it still see every
 // earlier kernel complete (programmatic dependencies chain only through completed grids).
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "common/common.h"
 #include "common/pdl.cuh"
-#include "common/prefetch_l2.cuh"
 #include "copy/prefetch_l2.h"
 
 namespace ember {
@@ -33,11 +35,25 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kMaxBlocks = 132;  // one row per thread covers 16896 rows in one pass
 
+// One row's request; returns at once, nothing waits for the bytes.
+__device__ __forceinline__ void prefetch_row(const char* row, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(row), "r"(bytes) : "memory");
+#else
+  constexpr uint32_t kLineBytes = 128;
+  for (uint32_t offset = 0; offset < bytes; offset += kLineBytes) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + offset));
+  }
+#endif
+}
+
 __global__ void __launch_bounds__(kThreads)
-    prefetch_l2_kernel(const L2PrefetchRows rows) {
+    prefetch_l2_kernel(const char* base, int64_t rows, int64_t pitch, uint32_t prefix_bytes) {
   allow_dependent_launch();
-  prefetch_rows_l2(rows, int64_t{blockIdx.x} * kThreads + threadIdx.x,
-                   int64_t{gridDim.x} * kThreads);
+  for (int64_t r = int64_t{blockIdx.x} * kThreads + threadIdx.x; r < rows;
+       r += int64_t{gridDim.x} * kThreads) {
+    prefetch_row(base + r * pitch, prefix_bytes);
+  }
   wait_for_prior_grids();
 }
 
@@ -45,12 +61,21 @@ __global__ void __launch_bounds__(kThreads)
 
 void prefetch_l2(const void* base, int64_t rows, int64_t pitch, int64_t prefix_bytes,
                  std::intptr_t stream) {
-  const L2PrefetchRows request = l2_prefetch_rows("prefetch_l2", base, rows, pitch, prefix_bytes);
-  if (request.rows == 0) return;
+  if (reinterpret_cast<std::uintptr_t>(base) % 16 != 0 || (rows > 1 && pitch % 16 != 0)) {
+    throw std::invalid_argument("ember: prefetch_l2: the rows must start on 16-byte boundaries");
+  }
+  if (prefix_bytes <= 0 || prefix_bytes % 16 != 0 || prefix_bytes >= (int64_t{1} << 31) ||
+      (rows > 1 && prefix_bytes > pitch)) {
+    throw std::invalid_argument("ember: prefetch_l2: prefix_bytes must be a positive multiple of "
+                                "16 within a row, got " + std::to_string(prefix_bytes));
+  }
+  if (rows <= 0) return;
   const int blocks =
       static_cast<int>(std::min<int64_t>((rows + kThreads - 1) / kThreads, kMaxBlocks));
   launch_with_pdl(prefetch_l2_kernel, dim3(blocks), dim3(kThreads), 0,
-                  reinterpret_cast<cudaStream_t>(stream), "prefetch_l2_kernel", request);
+                  reinterpret_cast<cudaStream_t>(stream), "prefetch_l2_kernel",
+                  static_cast<const char*>(base), rows, pitch,
+                  static_cast<uint32_t>(prefix_bytes));
 }
 
 }  // namespace ember
