@@ -64,10 +64,11 @@ constexpr int steps_per_iteration(int m_tile, int rows) {
 }
 
 // A 16-byte W vector that is read once: non-coherent (W is constant during the kernel) and not
-// allocated in L1, which keeps x's lines there.
+// allocated in L1, which keeps x's lines there. Volatile, so that loads of a static weight
+// issued before wait_for_prior_grids() stay there.
 __device__ __forceinline__ uint4 load_streaming(const void* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
@@ -467,6 +468,172 @@ void launch_bulk(const SkinnyGemmParams& p, const BulkPlan& plan, cudaStream_t s
                   plan.smem_bytes(), stream, "skinny_gemm_bulk_kernel", p, plan);
 }
 
+// ------------------------------------------------------------------------------------------
+// The streaming kernel (M <= 4): persistent warps, each with its next loads always in flight
+// ------------------------------------------------------------------------------------------
+//
+// For weights past the bulk kernel's rings, up to kStreamMaxWeightBytes. The register kernel's
+// warps live for a few iterations each (the 1B gate/up projection: 2 iterations of 4 KB), so
+// every warp pays a load round trip with nothing else in flight, and every CTA a launch. Here
+// kStreamCtasPerSm CTAs an SM stay for the whole weight. CTA b owns the contiguous rows
+// [n * b / G, n * (b + 1) / G); each row is cut into chunks of kStreamVecs vectors per lane
+// (4 KB, lane-interleaved, so each load instruction of a warp reads 512 contiguous bytes), and
+// the CTA's warps take its chunks round-robin, so the CTA walks its rows front to back. Each
+// warp holds two chunks in registers and reloads one while it computes the other, so a load is
+// always in flight; with a static weight both are requested before the PDL wait. x (for the
+// silu prologue, silu(gate) * up rounded to T) is staged once per CTA in shared memory, where
+// every warp reads it; a chunk's dot product is folded across the warp and added to its row's
+// float32 sum in shared memory, and the CTA writes its rows at the end.
+//
+// H100, M = 1, bf16, graph-timed back to back (throwaway lab, session 22), us against the
+// register kernel: 1B QKV 5.53 / 6.47, gate/up 24.06 / 24.49 (a plain read of the same bytes:
+// 23.48), down with silu 13.68 / 15.99 (read 12.92), 8B gate/up 79.5 / 80.5. It lost on the
+// 1B LM head (525 MB: 174.2 against 169.5), where the register kernel's many short CTAs, placed
+// by the hardware as SMs free up, balance better than a fixed split: hence the weight bound.
+constexpr int kStreamWarps = 8;
+constexpr int kStreamThreads = kStreamWarps * 32;
+constexpr int kStreamCtasPerSm = 2;
+constexpr int kStreamVecs = 8;  // 16-byte W vectors per lane per chunk: 4 KB a warp
+constexpr int kStreamChunkVecs = kStreamVecs * 32;
+constexpr int kStreamMaxM = 1;
+constexpr int64_t kStreamMaxWeightBytes = int64_t{256} << 20;
+constexpr int64_t kStreamMaxInputBytes = 64 * 1024;  // x staged in shared memory
+constexpr int64_t kStreamMaxSumBytes = 16 * 1024;    // a CTA's row sums
+
+struct StreamPlan {
+  int ctas;            // 0: the shape does not suit the streaming kernel
+  int chunks_per_row;
+  int smem_bytes;      // staged x, then the row sums
+};
+
+template <typename T, int kM, bool kSilu>
+__global__ void __launch_bounds__(kStreamThreads, kStreamCtasPerSm)
+    skinny_gemm_stream_kernel(const SkinnyGemmParams p, const int chunks_per_row) {
+  constexpr int kMinM = kM / 2 + 1;  // rows of x that exist whenever this kM was chosen
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int num_vecs = static_cast<int>(p.k / kElemsPerVec);
+  uint4* const xs = reinterpret_cast<uint4*>(smem);  // [kM][num_vecs]
+  float* const sums = reinterpret_cast<float*>(smem + int64_t{kM} * num_vecs * 16);  // [rows][kM]
+
+  allow_dependent_launch();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row_begin = p.n * blockIdx.x / gridDim.x;
+  const int rows = static_cast<int>(p.n * (blockIdx.x + 1) / gridDim.x - row_begin);
+  const int chunks = rows * chunks_per_row;
+  const T* const w = static_cast<const T*>(p.weight) + row_begin * p.k;
+
+  // Chunk c: row c / chunks_per_row, vectors from (c % chunks_per_row) * kStreamChunkVecs;
+  // those past K load as zeros (and are skipped by consume).
+  const auto load_chunk = [&](uint4(&buf)[kStreamVecs], int c) {
+    const T* const row = w + int64_t{c / chunks_per_row} * p.k;
+    const int vec0 = (c % chunks_per_row) * kStreamChunkVecs + lane;
+#pragma unroll
+    for (int i = 0; i < kStreamVecs; ++i) {
+      const int vec = vec0 + i * 32;
+      buf[i] = vec < num_vecs ? load_streaming(row + int64_t{vec} * kElemsPerVec)
+                              : make_uint4(0, 0, 0, 0);
+    }
+  };
+  const auto consume = [&](const uint4(&buf)[kStreamVecs], int c) {
+    const int vec0 = (c % chunks_per_row) * kStreamChunkVecs + lane;
+    float acc[kM] = {};
+#pragma unroll
+    for (int i = 0; i < kStreamVecs; ++i) {
+      const int vec = vec0 + i * 32;
+      if (vec >= num_vecs) break;
+      float wf[kElemsPerVec];
+      unpack<T>(buf[i], wf);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        if (m >= kMinM && m >= p.m) break;
+        float xf[kElemsPerVec];
+        unpack<T>(xs[m * num_vecs + vec], xf);
+#pragma unroll
+        for (int j = 0; j < kElemsPerVec; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      if (m >= kMinM && m >= p.m) break;
+      const float sum = warp_reduce_sum(acc[m]);
+      if (lane == 0) atomicAdd(&sums[(c / chunks_per_row) * kM + m], sum);
+    }
+  };
+
+  uint4 a[kStreamVecs], b[kStreamVecs];
+  const int first = warp, second = warp + kStreamWarps;
+  if (p.static_weight) {
+    if (first < chunks) load_chunk(a, first);
+    if (second < chunks) load_chunk(b, second);
+  }
+  wait_for_prior_grids();  // x (and a weight that is not static) may come from earlier kernels
+  if (!p.static_weight) {
+    if (first < chunks) load_chunk(a, first);
+    if (second < chunks) load_chunk(b, second);
+  }
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  for (int i = threadIdx.x; i < kM * num_vecs; i += kStreamThreads) {
+    const int m = i / num_vecs, vec = i % num_vecs;
+    if (m >= p.m) break;
+    float f[kElemsPerVec];
+    load_input<T, kSilu>(x + m * p.x_row_stride, vec, p.k, f);
+    Vec<T, kElemsPerVec> packed;
+#pragma unroll
+    for (int j = 0; j < kElemsPerVec; ++j) packed.v[j] = from_float<T>(f[j]);
+    store_vec(reinterpret_cast<T*>(xs + m * num_vecs + vec), packed);
+  }
+  for (int i = threadIdx.x; i < rows * kM; i += kStreamThreads) sums[i] = 0.f;
+  __syncthreads();
+
+  // Buffer a holds chunks first, first + 2W, ...; b holds second, second + 2W, ...: each is
+  // reloaded right after it is consumed, while the other's loads are in flight.
+  for (int c = first; c < chunks; c += 2 * kStreamWarps) {
+    consume(a, c);
+    if (c + 2 * kStreamWarps < chunks) load_chunk(a, c + 2 * kStreamWarps);
+    if (c + kStreamWarps >= chunks) break;
+    consume(b, c + kStreamWarps);
+    if (c + 3 * kStreamWarps < chunks) load_chunk(b, c + 3 * kStreamWarps);
+  }
+  __syncthreads();
+
+  T* const y = static_cast<T*>(p.y);
+  const T* const bias = static_cast<const T*>(p.bias);
+  for (int i = threadIdx.x; i < rows * kM; i += kStreamThreads) {
+    const int r = i / kM, m = i % kM;
+    if (m >= p.m) continue;
+    float sum = sums[i];
+    if (bias != nullptr) sum += to_float(bias[row_begin + r]);
+    y[m * p.n + row_begin + r] = from_float<T>(sum);
+  }
+}
+
+// The streaming kernel's plan, or ctas == 0 when the shape does not suit it: rows shorter than
+// half a chunk (lanes would idle), an x too large to stage, or a weight past the bound.
+StreamPlan choose_stream_plan(int m_tile, int64_t n, int64_t k, int elem_bytes, int num_sms) {
+  StreamPlan plan{};
+  const int64_t num_vecs = k / kElemsPerVec;
+  const int64_t ctas = std::min<int64_t>(int64_t{kStreamCtasPerSm} * num_sms, n);
+  const int64_t input_bytes = m_tile * k * elem_bytes;
+  const int64_t sum_bytes = (n + ctas - 1) / ctas * m_tile * 4;
+  if (m_tile > kStreamMaxM || 2 * num_vecs < kStreamChunkVecs ||
+      input_bytes > kStreamMaxInputBytes || sum_bytes > kStreamMaxSumBytes ||
+      n * k * elem_bytes > kStreamMaxWeightBytes) {
+    return plan;
+  }
+  plan.ctas = static_cast<int>(ctas);
+  plan.chunks_per_row = static_cast<int>((num_vecs + kStreamChunkVecs - 1) / kStreamChunkVecs);
+  plan.smem_bytes = static_cast<int>(input_bytes + sum_bytes);
+  return plan;
+}
+
+template <typename T, int kM, bool kSilu>
+void launch_stream(const SkinnyGemmParams& p, const StreamPlan& plan, cudaStream_t stream) {
+  opt_in_dynamic_smem<skinny_gemm_stream_kernel<T, kM, kSilu>>(
+      static_cast<int>(kStreamMaxInputBytes + kStreamMaxSumBytes), [] { return "skinny_gemm"; });
+  launch_with_pdl(skinny_gemm_stream_kernel<T, kM, kSilu>, plan.ctas, kStreamThreads,
+                  plan.smem_bytes, stream, "skinny_gemm_stream_kernel", p, plan.chunks_per_row);
+}
+
 // Calls f(std::integral_constant<int, kM>{}) for the smallest instantiated kM >= m.
 template <typename F>
 void dispatch_m(int64_t m, F&& f) {
@@ -499,6 +666,13 @@ void launch_skinny_gemm(const SkinnyGemmParams& p, int num_sms, cudaStream_t str
             choose_bulk_plan(kM, p.n, p.k, sizeof(T), num_sms, p.static_weight);
         if (plan.rows_per_tile != 0) {
           launch_bulk<T, kM, kSilu>(p, plan, stream);
+          return;
+        }
+      }
+      if constexpr (kM <= kStreamMaxM) {
+        const StreamPlan plan = choose_stream_plan(kM, p.n, p.k, sizeof(T), num_sms);
+        if (plan.ctas != 0) {
+          launch_stream<T, kM, kSilu>(p, plan, stream);
           return;
         }
       }

@@ -494,11 +494,17 @@ def test_mixtral_on_the_gpu(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_cuda_graphs_match_eager_across_the_short_context_boundary(tmp_path, kv_cache_dtype):
-    """Sequences that grow past SHORT_CONTEXT_KEYS move from the short-context graphs (narrow
-    decode tiles) to the full ones (wide tiles where each split is long) mid-generation, with
-    eager mode's tokens."""
+@pytest.mark.parametrize("boundary", ["unsplit", "short"])
+def test_cuda_graphs_match_eager_across_the_short_context_boundary(tmp_path, kv_cache_dtype,
+                                                                   boundary):
+    """Sequences that grow past a length bucket's bound move to the next bucket's graphs
+    mid-generation, with eager mode's tokens: past MAX_UNSPLIT_KEYS (unsplit, wide tiles at
+    16 bits for a small batch) into the short-context graphs (narrow tiles), and past
+    SHORT_CONTEXT_KEYS into the full ones (wide tiles where each split is long)."""
     from ember.engine.cuda_graphs import SHORT_CONTEXT_KEYS
+    from ember.ops._split_kv import MAX_UNSPLIT_KEYS
+
+    bound = MAX_UNSPLIT_KEYS if boundary == "unsplit" else SHORT_CONTEXT_KEYS
 
     config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 256,
               "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8,
@@ -509,7 +515,7 @@ def test_cuda_graphs_match_eager_across_the_short_context_boundary(tmp_path, kv_
     eager = ember.LLM(str(tmp_path), enforce_eager=True, async_scheduling=False, **args)
     graphs = ember.LLM(str(tmp_path), **args)
     graphs.model.load_state_dict(eager.model.state_dict())
-    lengths = [SHORT_CONTEXT_KEYS - 30, SHORT_CONTEXT_KEYS - 5, 40, SHORT_CONTEXT_KEYS + 300]
+    lengths = [bound - 30, bound - 5, 40, bound + 300]
     prompts = random_prompts(4, 1000, lengths, seed=21)
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     assert generated(graphs.generate(prompts, params, use_tqdm=False)) == generated(

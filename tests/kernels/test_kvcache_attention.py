@@ -619,11 +619,12 @@ def test_split_plan_invariants(num_sms, batch, heads_kv, max_len):
         assert work * plan.num_splits <= 2 * _split_kv.PROGRAMS_PER_SM * num_sms
 
 
-def test_cuda_plan_takes_wide_tiles_only_for_long_splits():
+def test_cuda_plan_takes_wide_tiles_only_for_long_splits_or_latency_bound_launches():
     """The CUDA decode launch takes wide tiles when the longest sequence gives each split of the
-    capacity's plan WIDE_TILE_MIN_KEYS keys (by cache element size and whether it splits), and
-    only where a wide shape exists; the split count never depends on the lengths (one CUDA graph
-    serves them all)."""
+    capacity's plan WIDE_TILE_MIN_KEYS keys (by cache element size and whether it splits), or,
+    for 16-bit caches, when every sequence runs unsplit on fewer CTAs than SMs; and only where a
+    wide shape exists. The split count never depends on the lengths (one CUDA graph serves them
+    all)."""
     from ember.ops import _cuda_decode, _ext
 
     if _ext.load_extension() is None:
@@ -631,11 +632,19 @@ def test_cuda_plan_takes_wide_tiles_only_for_long_splits():
     plan = functools.partial(_cuda_decode._launch_plan.__wrapped__, 132)
     # (batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, num_splits, fp8, max_seqlen_k)
     long = plan(1, 1, 32, 8, 64, 131072, 0, False, 131072)
-    short = plan(1, 1, 32, 8, 64, 131072, 0, False, 384)  # the engine's decode, 1B shape
+    short = plan(1, 1, 32, 8, 64, 131072, 0, False, 1024)  # 32 keys a split
     assert long[2] and not short[2] and long[:2] == short[:2]
     # Tiles up to which a sequence runs unsplit: MAX_UNSPLIT_KEYS in the launch's tile width.
     assert short[3] == _split_kv.MAX_UNSPLIT_KEYS // 64
     assert long[3] == _split_kv.MAX_UNSPLIT_KEYS // 128
+    # Latency-bound: every sequence unsplit (the engine's batch-1 decode of the 1B shape, 8 CTAs)
+    unsplit = _split_kv.MAX_UNSPLIT_KEYS
+    assert plan(1, 1, 32, 8, 64, 131072, 0, False, unsplit)[2]
+    assert plan(16, 1, 32, 8, 64, 131072, 0, False, unsplit)[2]  # 128 CTAs
+    assert not plan(17, 1, 32, 8, 64, 131072, 0, False, unsplit)[2]  # 136 CTAs
+    assert not plan(1, 1, 32, 8, 64, 131072, 0, False, unsplit + 1)[2]
+    assert not plan(1, 1, 32, 8, 64, 131072, 0, True, unsplit)[2]  # fp8: 16 keys a split
+    assert not plan(1, 1, 32, 8, 64, 131072, 4, False, unsplit)[2]  # forced splits
     assert plan(2, 1, 9, 3, 64, 33001, 4, False, 33001)[3] == 0  # forced splits: as given
     assert plan(1, 1, 32, 8, 64, 131072, 0, True, 131072)[2]  # fp8: 256-key tiles
     assert not plan(1, 1, 32, 8, 64, 131072, 0, True, 1024)[2]  # 32 keys a split

@@ -23,8 +23,9 @@ NS = [1, 7, 576, 960, 1000, 3072]
 # of 32), Llama-1B hidden, Llama-1B intermediate (split-K inside the CTA for small N).
 KS = [8, 64, 576, 1544, 2048, 8192]
 # Shapes for the CUDA kernels' edges: 28 KB rows (the bulk-copy kernel's two-slot ring), rows
-# over 48 KB and weights larger than the SMs' rings (the register kernel for every M).
-EXTRA_SHAPES = [(200, 14336), (1000, 24584), (20000, 2048)]
+# over 48 KB (the register kernel for every M), weights larger than the SMs' rings (the
+# streaming kernel up to 4 rows of x), one whose rows end 1 vector into their second chunk.
+EXTRA_SHAPES = [(200, 14336), (1000, 24584), (20000, 2048), (4099, 2056)]
 # The torch backend runs on the CPU in CI: keep its weights at most this many elements.
 CPU_MAX_WEIGHT = 1 << 20
 
@@ -119,7 +120,7 @@ def test_skinny_linear_layouts(backend, device, n, k, dtype, layout, poisoned_ou
 
 
 # (N, K) of the down projections the fused prologue is for (SmolLM2, Llama-3.2-1B), plus a tail.
-SILU_SHAPES = [(576, 1536), (2048, 8192), (7, 64), (1000, 1544)]
+SILU_SHAPES = [(576, 1536), (2048, 8192), (7, 64), (1000, 1544), (1500, 4104)]
 
 
 @pytest.mark.parametrize("backend,device,n,k", shape_cases(SILU_SHAPES))
@@ -181,13 +182,15 @@ def test_skinny_linear_captures_in_cuda_graph_without_sync():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rows", [1, 4, 8])
-def test_skinny_linear_chain_reads_what_the_previous_kernel_wrote(rows):
+@pytest.mark.parametrize("width", [2048, 4096])
+def test_skinny_linear_chain_reads_what_the_previous_kernel_wrote(rows, width):
     """Back-to-back launches with no sync between them, each input the previous output and each
     weight rewritten by a copy just before its GEMM: under programmatic dependent launch a
     kernel that read x, or a non-static weight, before waiting for its predecessor would see
-    stale data. Repeated, since a race shows only some of the time."""
+    stale data. Repeated, since a race shows only some of the time. Widths: 8 MB weights (the
+    bulk kernel up to 4 rows) and 32 MB (the streaming kernel up to 4 rows)."""
     require_backend("cuda")
-    dtype, width, layers = torch.bfloat16, 2048, 6
+    dtype, layers = torch.bfloat16, 6
     weights = [make_weight(width, width, dtype, "cuda") for _ in range(layers)]
     fresh = [make_weight(width, width, dtype, "cuda") for _ in range(layers)]
     for trial in range(5):

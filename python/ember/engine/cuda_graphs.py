@@ -8,10 +8,11 @@ rows) and give the same bits.
 A decode-only step of ``n`` sequences replays the graph captured for the smallest batch size
 ``>= n`` and its length bucket; the extra rows are padding: sequences of no cached key whose one
 new K/V row goes to a scratch KV block that no sequence owns. The buckets are steps whose keys
-all fit in ``SHORT_CONTEXT_KEYS`` and the others: the decode attention kernel streams long
-splits in wide KV tiles and short ones in narrow tiles, and inside a graph it cannot read the
-lengths, so each bucket's graph is captured with its bound (``max_seqlen_k``). Both keep the
-full block table, hence the split plan of the cache's capacity.
+all fit in ``MAX_UNSPLIT_KEYS`` (every sequence runs as one split, in wide KV tiles when the
+batch is small), in ``SHORT_CONTEXT_KEYS`` (short splits, narrow tiles) and the others (long
+splits, wide tiles): inside a graph the attention cannot read the lengths, so each bucket's
+graph is captured with its bound (``max_seqlen_k``), from which the kernel's launch plan picks
+the tile width. All keep the full block table, hence the split plan of the cache's capacity.
 
 The step's inputs (token ids and positions; cached key counts; sampling parameters; block table
 rows) are static device tensors, filled from a pinned host mirror by one ``ember.ops.multi_copy``
@@ -29,6 +30,7 @@ from ember import ops
 from ember.engine.block_manager import block_tables
 from ember.engine.sampler import fill_sampling_rows, sample_rows
 from ember.models.attention import AttentionMetadata
+from ember.ops._split_kv import MAX_UNSPLIT_KEYS
 
 # Keys (cached + the new one) up to which a step replays the short-context graphs.
 SHORT_CONTEXT_KEYS = 1024
@@ -55,7 +57,8 @@ class DecodeGraphs:
         # sequence (read back from the device) and a captured one the capacity, and their tile
         # widths could differ.
         capacity = max_blocks_per_seq * block_size
-        self.bounds = ([SHORT_CONTEXT_KEYS] if capacity > SHORT_CONTEXT_KEYS else []) + [capacity]
+        self.bounds = [b for b in (MAX_UNSPLIT_KEYS, SHORT_CONTEXT_KEYS) if b < capacity]
+        self.bounds.append(capacity)
         largest = self.sizes[-1]
         # Static inputs. tokens: rows (input ids, positions); seqlens: cached keys (=
         # positions); floats/ints: the sampling rows of sampler.py. Until a step fills them,

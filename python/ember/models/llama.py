@@ -20,7 +20,7 @@ from ember.models.attention import AttentionMetadata, paged_attention
 from ember.models.config import ModelConfig
 from ember.models.moe import SparseMoeBlock
 from ember.models.rope import cos_sin_cache
-from ember.ops.linear import SKINNY_K_MULTIPLE, skinny_prefetches_whole_weight
+from ember.ops.linear import SKINNY_K_MULTIPLE
 
 # Hugging Face projection name -> (our fused parameter, shard index inside it).
 STACKED_PROJECTIONS = {
@@ -46,31 +46,32 @@ MOE_TENSOR = re.compile(r"(layers\.\d+)\.block_sparse_moe\."
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose single-row calls on CUDA (a batch-1 decode step) may go through
+    """``nn.Linear`` whose single-row calls on CUDA (a batch-1 decode step) go through
     ``ember.ops.skinny_linear``; other batches use torch's matmul.
 
     ``forward(x, activation="silu_and_mul")`` takes ``[gate | up]`` and applies
-    ``silu_and_mul`` first. A single row takes the skinny kernel where it beats cuBLAS on the
-    H100 (bench/skinny_gemm_probe.py, a Llama-3.2-1B step): with the activation fused (the MLP's
-    down projection, 14.8 against 18.2 us for silu_and_mul then cuBLAS) and for weights small
-    enough to be read whole before x exists (the O projection, 5.1 against 6.9 us in the step).
-    The weights are constant during inference, hence ``static_weight``. ``skinny_any_size``
-    (the LM head) takes the skinny kernel whatever the weight's size: in the decode step the
-    register kernel streams the LM head faster than cuBLAS (H100, graph GPU time per step:
-    Llama-3.2-1B shape 1238 against 1258 us, SmolLM2 723 against 750 us), while for the
-    1B's QKV and gate/up projections it did not pay (1288 us with every projection on it; with
-    only the QKV projection on it, 1248 against 1238 us: the QKV kernel itself gained ~1 us, but
-    the O and down projections after it ran slower).
+    ``silu_and_mul`` first (fused into the skinny kernel's prologue). The weights are constant
+    during inference, hence ``static_weight``: under programmatic dependent launch the kernel
+    streams its weight while the kernel before it still runs. On the H100, Llama-3.2-1B shape
+    (bench/skinny_gemm_probe.py, graph-timed, weights past the L2), the skinny kernels against
+    cuBLAS at one row: QKV 5.6 / 7.2 us, gate/up 24.3 / 25.1, down with silu 14.1 / 18.2 (silu
+    then cuBLAS), LM head 169 / 188.
+
+    ``skinny_decode=False`` keeps a layer's single-row calls on cuBLAS: the attention's output
+    projection. Launched early behind the decode attention (a latency-bound kernel on a few
+    SMs), the skinny kernel's weight traffic and resident CTAs cost the attention more than
+    they save: 1B decode step, QKV, gate/up and down on the skinny kernels, O projection on
+    ember's bulk kernel 838 tok/s, on cuBLAS 866-870 (session 22; the prefetch probe of
+    session 21 found the same for any weight traffic issued during the attention).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, backend: str,
-                 skinny_any_size: bool = False):
+                 skinny_decode: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.backend = backend
-        self.skinny = (backend in ("auto", "cuda")
+        self.skinny = (skinny_decode and backend in ("auto", "cuda")
                        and "cuda" in ops.available_backends("skinny_linear")
                        and in_features % SKINNY_K_MULTIPLE == 0)
-        self.skinny_any_size = skinny_any_size
         self.quantization = None  # or (method, group size), set by ``quantize``
 
     def quantize(self, method: str) -> None:
@@ -107,9 +108,7 @@ class Linear(nn.Linear):
                                      backend=self.backend)
             return out if self.bias is None else out + self.bias
         if (self.skinny and x.shape[0] == 1 and x.is_cuda
-                and x.dtype in (torch.float16, torch.bfloat16)
-                and (activation is not None or self.skinny_any_size
-                     or skinny_prefetches_whole_weight(self.weight))):
+                and x.dtype in (torch.float16, torch.bfloat16)):
             return ops.skinny_linear(x, self.weight, self.bias, activation=activation,
                                      static_weight=True, backend="cuda")
         if activation == "silu_and_mul":
@@ -151,7 +150,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = FusedLinear(config.hidden_size,
                                     [config.q_size, config.kv_size, config.kv_size],
                                     bias=config.attention_bias, backend=backend)
-        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False, backend=backend)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False, backend=backend,
+                             skinny_decode=False)
         self.q_norm = self.k_norm = None
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend)
@@ -226,8 +226,7 @@ class LlamaForCausalLM(nn.Module):
             LlamaDecoderLayer(config, config.layer_windows[i], backend)
             for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=backend,
-                              skinny_any_size=True)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=backend)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Angles in float32, cos/sin rounded to the weights' dtype as transformers does.

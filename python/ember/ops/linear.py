@@ -3,7 +3,6 @@
 import torch
 
 from ember.ops import _registry, reference
-from ember.ops._split_kv import sm_count
 from ember.ops._validation import HALF_DTYPES, check_choice, check_same, check_tensor
 
 # Rows of x the kernel keeps in registers: a decode batch. Larger batches are GEMMs that
@@ -12,18 +11,6 @@ SKINNY_MAX_ROWS = 16
 # K is read in 16-byte vectors of 8 fp16/bf16 elements.
 SKINNY_K_MULTIPLE = 8
 ACTIVATIONS = (None, "silu_and_mul")
-# Weight bytes per SM the CUDA kernel's shared-memory ring holds (kBulkRingTarget in
-# csrc/gemm/skinny_gemm.cu).
-SKINNY_RING_BYTES_PER_SM = 64 * 1024
-
-
-def skinny_prefetches_whole_weight(weight: torch.Tensor) -> bool:
-    """Whether the CUDA kernel can have all of ``weight`` (a CUDA tensor) in flight at once: then,
-    with ``static_weight=True`` and M <= 4, it reads the weight while the kernel producing x
-    still runs, and beats cuBLAS at M = 1 (bench/skinny_gemm_probe.py). Larger weights stream at
-    copy bandwidth either way and cuBLAS is as fast or faster."""
-    capacity = sm_count(weight.device) * SKINNY_RING_BYTES_PER_SM
-    return weight.numel() * weight.element_size() <= capacity
 
 
 def skinny_linear(x, weight, bias=None, *, activation=None, static_weight=False, backend="auto"):
