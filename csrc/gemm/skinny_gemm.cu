@@ -5,9 +5,10 @@
 // small M, the bar is the copy bandwidth. At M = 16 the float32 FMAs alone need ~48 TFLOP/s to
 // keep pace with 3 TB/s, close to an H100's ~67, so expect less than copy bandwidth there.
 //
-// Two kernels. The register kernel below serves every M and large weights. The bulk-copy kernel
-// further down (sm_90+, M <= 4, a weight that the SMs' shared-memory rings hold whole) streams
-// the weight with the copy engine and, for a static weight, starts before x exists.
+// Three kernels. The register kernel below serves every M and the largest weights. The bulk-copy
+// kernel further down (sm_90+, M <= 4, a weight that the SMs' shared-memory rings hold whole)
+// streams the weight with the copy engine and, for a static weight, starts before x exists. The
+// streaming kernel after it (M = 1, larger weights up to 256 MB) keeps persistent warps loading.
 //
 // Register kernel. Layout of the work: each warp owns kRows output rows and one slice of K. Lanes stride over K
 // in 16-byte vectors (8 elements), so every row access of a warp is 512 contiguous bytes. Each
@@ -469,7 +470,7 @@ void launch_bulk(const SkinnyGemmParams& p, const BulkPlan& plan, cudaStream_t s
 }
 
 // ------------------------------------------------------------------------------------------
-// The streaming kernel (M <= 4): persistent warps, each with its next loads always in flight
+// The streaming kernel (M = 1): persistent warps, each with its next loads always in flight
 // ------------------------------------------------------------------------------------------
 //
 // For weights past the bulk kernel's rings, up to kStreamMaxWeightBytes. The register kernel's
@@ -490,6 +491,10 @@ void launch_bulk(const SkinnyGemmParams& p, const BulkPlan& plan, cudaStream_t s
 // 23.48), down with silu 13.68 / 15.99 (read 12.92), 8B gate/up 79.5 / 80.5. It lost on the
 // 1B LM head (525 MB: 174.2 against 169.5), where the register kernel's many short CTAs, placed
 // by the hardware as SMs free up, balance better than a fixed split: hence the weight bound.
+// And at M = 4 it lost to the register kernel (bench/skinny_gemm_probe.py, static weights, two
+// H100s of one session: gate/up 32.3 against 27.3 us, down with silu 25.1 against 20.8, QKV 9.5
+// against 8.0): each chunk's FMAs and x reads grow with M while one chunk is in flight; hence
+// M = 1 only.
 constexpr int kStreamWarps = 8;
 constexpr int kStreamThreads = kStreamWarps * 32;
 constexpr int kStreamCtasPerSm = 2;
