@@ -121,6 +121,26 @@ __device__ __forceinline__ void load_input(const T* __restrict__ x_row, int vec,
   }
 }
 
+// acc[m] += w . x_m over one 16-byte vector of each, for the rows of x that a kM tile holds
+// (rows past m, which exist only in a tile rounded up, are skipped). x is staged in shared
+// memory: x_vec points at row 0's vector, rows num_vecs vectors apart.
+template <typename T, int kM>
+__device__ __forceinline__ void accumulate_vector(const uint4& w_raw, const uint4* x_vec,
+                                                  int num_vecs, int64_t m_rows,
+                                                  float (&acc)[kM]) {
+  constexpr int kMinM = kM / 2 + 1;  // rows of x that exist whenever this kM was chosen
+  float wf[kElemsPerVec];
+  unpack<T>(w_raw, wf);
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    if (m >= kMinM && m >= m_rows) break;
+    float xf[kElemsPerVec];
+    unpack<T>(x_vec[m * num_vecs], xf);
+#pragma unroll
+    for (int j = 0; j < kElemsPerVec; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
+  }
+}
+
 template <typename T, int kM, int kRows, bool kSilu>
 __global__ void __launch_bounds__(kThreads)
     skinny_gemm_kernel(const SkinnyGemmParams p, const int k_splits, const bool prefetch_first) {
@@ -389,16 +409,8 @@ __global__ void __launch_bounds__(kBulkThreads, 1)
                                                       row_in_tile * row_bytes);
 #pragma unroll 4
       for (int v = slice * 32 + lane; v < num_vecs; v += warps_per_row * 32) {
-        float wf[kElemsPerVec];
-        unpack<T>(w[v], wf);
-#pragma unroll
-        for (int m = 0; m < kM; ++m) {
-          if (m >= kMinM && m >= p.m) break;
-          float xf[kElemsPerVec];
-          unpack<T>(reinterpret_cast<const uint4*>(xs + m * p.k)[v], xf);
-#pragma unroll
-          for (int j = 0; j < kElemsPerVec; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
-        }
+        accumulate_vector<T, kM>(w[v], reinterpret_cast<const uint4*>(xs) + v, num_vecs, p.m,
+                                 acc);
       }
     }
     // Partials are double-buffered by tile parity: the block barrier below separates this
@@ -546,16 +558,7 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamCtasPerSm)
     for (int i = 0; i < kStreamVecs; ++i) {
       const int vec = vec0 + i * 32;
       if (vec >= num_vecs) break;
-      float wf[kElemsPerVec];
-      unpack<T>(buf[i], wf);
-#pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        if (m >= kMinM && m >= p.m) break;
-        float xf[kElemsPerVec];
-        unpack<T>(xs[m * num_vecs + vec], xf);
-#pragma unroll
-        for (int j = 0; j < kElemsPerVec; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
-      }
+      accumulate_vector<T, kM>(buf[i], xs + vec, num_vecs, p.m, acc);
     }
 #pragma unroll
     for (int m = 0; m < kM; ++m) {

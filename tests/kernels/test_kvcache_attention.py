@@ -645,6 +645,7 @@ def test_cuda_plan_takes_wide_tiles_only_for_long_splits_or_latency_bound_launch
     assert not plan(1, 1, 32, 8, 64, 131072, 0, False, unsplit + 1)[2]
     assert not plan(1, 1, 32, 8, 64, 131072, 0, True, unsplit)[2]  # fp8: 16 keys a split
     assert not plan(1, 1, 32, 8, 64, 131072, 4, False, unsplit)[2]  # forced splits
+    assert plan(1, 1, 32, 8, 64, 131072, 1, False, unsplit)[2]  # one forced split: the same
     assert plan(2, 1, 9, 3, 64, 33001, 4, False, 33001)[3] == 0  # forced splits: as given
     assert plan(1, 1, 32, 8, 64, 131072, 0, True, 131072)[2]  # fp8: 256-key tiles
     assert not plan(1, 1, 32, 8, 64, 131072, 0, True, 1024)[2]  # 32 keys a split

@@ -119,12 +119,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, softmax
 #   10.31 at 128; 9:3 d=64 fp8 1 x 32768 (400 keys a split) streamed 606 GB/s narrow (suite
 #   run of e0f04ca) and 682 wide (359c1f6).
 WIDE_TILE_MIN_KEYS = {2: (512, 2048), 1: (128, 128)}
-# Besides, 16-bit caches take wide tiles in a latency-bound launch: every sequence unsplit
-# (max_seqlen_k <= MAX_UNSPLIT_KEYS) and fewer CTAs than SMs, so a CTA's time is its chain of
-# tiles, which wide tiles halve. H100, Llama-3.2-1B shape, batch 1 at 128-384 keys, attention
-# alone: 7.68 -> 6.36 us at 384 keys (session 20); in the decode step, with the projections on
-# ember's streaming GEMV, 833 -> 871 tok/s (session 22). fp8 caches stay narrow there: wide,
-# the 1B fp8 step fell from 830 to 742 tok/s (session 20).
+# Besides, 16-bit caches take wide tiles in a latency-bound launch: every sequence unsplit and
+# short (max_seqlen_k <= MAX_UNSPLIT_KEYS, the split count planned or 1) on fewer CTAs than
+# SMs, so a CTA's time is its chain of tiles, which wide tiles halve. H100, Llama-3.2-1B shape,
+# batch 1 at 128-384 keys, attention alone: 7.68 -> 6.36 us at 384 keys (session 20); in the
+# decode step, with the projections on ember's streaming GEMV, 833 -> 871 tok/s (session 22).
+# fp8 caches stay narrow there: wide, the 1B fp8 step fell from 830 to 742 tok/s (session 20).
 
 
 @functools.lru_cache(maxsize=1024)
@@ -147,7 +147,7 @@ def _launch_plan(num_sms, batch, seqlen_q, heads_q, heads_kv, head_dim, capacity
                        m_blocks=m_blocks)
     wide_n = ext.decode_tile_shape(head_dim, packed_rows, fp8, True)[1]
     split_min, unsplit_min = WIDE_TILE_MIN_KEYS[1 if fp8 else 2]
-    latency_bound = (not fp8 and num_splits == 0 and max_seqlen_k <= MAX_UNSPLIT_KEYS
+    latency_bound = (not fp8 and num_splits <= 1 and max_seqlen_k <= MAX_UNSPLIT_KEYS
                      and batch * heads_kv * m_blocks < num_sms)
     wide = wide_n != block_n and (latency_bound or math.ceil(max_seqlen_k / plan.num_splits)
                                   >= (split_min if plan.num_splits > 1 else unsplit_min))
