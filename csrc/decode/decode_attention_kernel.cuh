@@ -110,12 +110,13 @@ constexpr int kTwoPerSmBytes = 100 * 1024;
 // of a 32 KB stage of K+V (256 at d = 64, 128 at d = 96 and 128), as bf16 has at d = 128. Wide
 // tiles stream long splits faster: the per-tile barriers and softmax bookkeeping of narrow ones
 // cost about as much as their bytes (H100: bf16 d=64 rows 32:8 32 x 4k 2684 -> 2850 GB/s, 9:3
-// 16 x 32k 2442 -> 2720). At a few hundred keys the picture is mixed: alone, a one-split
-// 16-bit call at 384 keys takes 6.4 us with 128-key tiles against 7.7 with 64 (32:8 and 9:3
-// alike), and the SmolLM2 decode step runs 9.5% faster with them, but the Llama-3.2-1B step
-// runs 0.7% slower (5.6% in an earlier build: 802 -> 757 tok/s; cause not established); fp8's
-// 256-key tiles lose there alone too (8.4 -> 10.0 us). So the host asks for wide tiles only
-// when each split streams many keys (ember.ops._cuda_decode), and the two widths
+// 16 x 32k 2442 -> 2720). At a few hundred keys, alone, a one-split 16-bit call at 384 keys
+// takes 6.4 us with 128-key tiles against 7.7 with 64 (32:8 and 9:3 alike); in the decode step
+// they gain too (SmolLM2 shape +10%, Llama-3.2-1B +0.5% once its O projection, launched early
+// behind the attention, moved to cuBLAS: session 22), while fp8's 256-key tiles lose there
+// (8.4 -> 10.0 us alone). So the host asks for wide tiles when each split streams many keys,
+// or, for 16-bit caches, when a launch of short unsplit sequences is latency-bound
+// (ember.ops._cuda_decode), and the two widths
 // are two kernels: one kernel holding both, each row block picking from its lengths, ran the 1B
 // decode step at 704 tok/s against 805 (branch next/decode-dual-tiles). Append layout: 64-key
 // tiles, 32 at d = 256 to keep the shared memory of two stages under the budget.

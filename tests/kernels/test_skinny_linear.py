@@ -24,7 +24,7 @@ NS = [1, 7, 576, 960, 1000, 3072]
 KS = [8, 64, 576, 1544, 2048, 8192]
 # Shapes for the CUDA kernels' edges: 28 KB rows (the bulk-copy kernel's two-slot ring), rows
 # over 48 KB (the register kernel for every M), weights larger than the SMs' rings (the
-# streaming kernel up to 4 rows of x), one whose rows end 1 vector into their second chunk.
+# streaming kernel for one row of x), one whose rows end 1 vector into their second chunk.
 EXTRA_SHAPES = [(200, 14336), (1000, 24584), (20000, 2048), (4099, 2056)]
 # The torch backend runs on the CPU in CI: keep its weights at most this many elements.
 CPU_MAX_WEIGHT = 1 << 20
@@ -188,7 +188,7 @@ def test_skinny_linear_chain_reads_what_the_previous_kernel_wrote(rows, width):
     weight rewritten by a copy just before its GEMM: under programmatic dependent launch a
     kernel that read x, or a non-static weight, before waiting for its predecessor would see
     stale data. Repeated, since a race shows only some of the time. Widths: 8 MB weights (the
-    bulk kernel up to 4 rows) and 32 MB (the streaming kernel up to 4 rows)."""
+    bulk kernel up to 4 rows) and 32 MB (the streaming kernel at 1 row)."""
     require_backend("cuda")
     dtype, layers = torch.bfloat16, 6
     weights = [make_weight(width, width, dtype, "cuda") for _ in range(layers)]
