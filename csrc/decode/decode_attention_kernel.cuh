@@ -29,9 +29,11 @@
 //     end are zero-filled, never read.
 //   * fp8 caches: tiles stay bytes in shared memory; each lane reads the bytes of its own MMA
 //     B fragments (head_dim is summed in a permuted order for K, O's columns are permuted for
-//     V, so those bytes are contiguous) and widens them to q's type in registers, exactly
-//     (every e4m3 value is a 16-bit value). The scales are applied outside the loop: k_scale
-//     joins the softmax scale, v_scale the final normalisation.
+//     V, so those bytes are contiguous) and widens them to fp16 in registers, exactly (every
+//     e4m3 value is an fp16 value; one conversion instruction per pair on sm_89+). The MMAs
+//     then run in fp16 whatever q's type: bf16 queries are rewritten as fp16 once per CTA, each
+//     row scaled by a power of two that its softmax scale takes back. The cache scales are
+//     applied outside the loop: k_scale joins the softmax scale, v_scale the normalisation.
 //   * S = Q K^T and O += P V with mma.sync (f32 accumulate), online softmax in base 2, and the
 //     masks (sequence end, causal/window bounds around the bottom-right diagonal, tree mask over
 //     the last seqlen_q keys) applied per element only on tiles that straddle one of them.
@@ -133,6 +135,8 @@ struct DecodeConfig {
   static constexpr bool kFp8 = kFp8_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kElemBytes = kFp8 ? 1 : 2;  // per cache element
+  // The MMAs' input type: fp16 over an fp8 cache (e4m3x2_to_half2), else q's.
+  using MmaT = std::conditional_t<kFp8, __half, T>;
   static constexpr int kCacheRowBytes = kHeadDim * kElemBytes;
 
   static constexpr int kBlockM = kWarpRows * kWarpsM;
@@ -189,66 +193,43 @@ struct DecodeConfig {
 };
 
 // ------------------------------------------------------------------------------------------
-// fp8 e4m3 -> 16-bit, exact
+// fp8 e4m3 -> fp16, exact
 // ------------------------------------------------------------------------------------------
-// e4m3 is sign, 4 exponent bits (bias 7), 3 mantissa bits. Placing those 7 bits under the
-// exponent/mantissa fields of fp16 (bias 15) or bf16 (bias 127) gives the value times 2^-8 or
-// 2^-120 (subnormals included, as both formats have room below e4m3's range); one multiply by
-// the power of two restores it, exactly. e4m3's NaN code (never written by store_kvcache, which
-// saturates) would read as +-480.
+// Every e4m3 value is an fp16 value, so an fp8 cache feeds fp16 MMAs whatever q's type is
+// (bf16 queries are rewritten as fp16 once per CTA: rescale_q_to_half). sm_89 and later
+// convert a pair in one instruction. sm_80 places the 7 exponent/mantissa bits under fp16's
+// fields, which gives the value times 2^-8 (subnormals included), and multiplies by 2^8.
+// e4m3's NaN code (never written by store_kvcache, which saturates) reads as NaN on sm_89+ and
+// as +-480 on sm_80.
 
-template <typename T>
-struct Fp8Widen;
-
-template <>
-struct Fp8Widen<__half> {
-  static constexpr int kShift = 1;  // byte << 8 >> 1: 7 bits under fp16's 5+10
-  static constexpr uint32_t kFieldMask = 0x3F803F80u;
-  static constexpr uint32_t kRestore = 0x5C005C00u;  // 2^8 in both halves
-  __device__ __forceinline__ static uint32_t restore(uint32_t x) {
-    __half2 h = *reinterpret_cast<const __half2*>(&x);
-    const uint32_t restore_bits = kRestore;
-    const __half2 r = *reinterpret_cast<const __half2*>(&restore_bits);
-    h = __hmul2(h, r);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-
-template <>
-struct Fp8Widen<__nv_bfloat16> {
-  static constexpr int kShift = 4;  // byte << 8 >> 4: 7 bits under bf16's 8+7
-  static constexpr uint32_t kFieldMask = 0x07F007F0u;
-  static constexpr uint32_t kRestore = 0x7B807B80u;  // 2^120 in both halves
-  __device__ __forceinline__ static uint32_t restore(uint32_t x) {
-    __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&x);
-    const uint32_t restore_bits = kRestore;
-    const __nv_bfloat162 r = *reinterpret_cast<const __nv_bfloat162*>(&restore_bits);
-    h = __hmul2(h, r);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-
-// Two e4m3 values at bits 8..15 (the low result) and 24..31 (the high one) of `y` -> two
-// 16-bit values in one register. Bytes 0 and 2 of `y` are ignored: the shift moves them below or
-// between the fields the mask keeps.
-template <typename T>
-__device__ __forceinline__ uint32_t widen_pair(uint32_t y) {
-  using W = Fp8Widen<T>;
-  return W::restore((y & 0x80008000u) | ((y >> W::kShift) & W::kFieldMask));
+// Two e4m3 values, bits 0..7 (-> the low half) and 8..15 of `pair`, as two fp16 values.
+__device__ __forceinline__ uint32_t e4m3x2_to_half2(uint32_t pair) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t out;
+  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n"
+      : "=r"(out)
+      : "r"(pair));
+  return out;
+#else
+  const uint32_t y = __byte_perm(pair, 0u, 0x1000u);  // byte 0 -> bits 8..15, byte 1 -> 24..31
+  const uint32_t bits = (y & 0x80008000u) | ((y >> 1) & 0x3F803F80u);
+  const uint32_t two_to_8 = 0x5C005C00u;  // 2^8 in both halves
+  const __half2 h = __hmul2(*reinterpret_cast<const __half2*>(&bits),
+                            *reinterpret_cast<const __half2*>(&two_to_8));
+  return *reinterpret_cast<const uint32_t*>(&h);
+#endif
 }
 
-// Four e4m3 values (byte 0 first) -> four 16-bit values in two registers.
-template <typename T>
+// Four e4m3 values (byte 0 first) -> four fp16 values in two registers.
 __device__ __forceinline__ void widen4(uint32_t x, uint32_t& lo, uint32_t& hi) {
-  lo = widen_pair<T>(__byte_perm(x, 0u, 0x1000u));  // byte 0 -> bits 8..15, byte 1 -> 24..31
-  hi = widen_pair<T>(__byte_perm(x, 0u, 0x3020u));  // bytes 2 and 3
+  lo = e4m3x2_to_half2(x);
+  hi = e4m3x2_to_half2(x >> 16);
 }
 
-// Byte `byte` of `lo` and of `hi` -> two 16-bit values (lo's in the low half). `byte` is a
+// Byte `byte` of `lo` and of `hi` -> two fp16 values (lo's in the low half). `byte` is a
 // constant after unrolling, so the selector is an immediate.
-template <typename T>
 __device__ __forceinline__ uint32_t widen_column(uint32_t lo, uint32_t hi, int byte) {
-  return widen_pair<T>(__byte_perm(lo, hi, ((4u + byte) << 12) | (byte << 4)));
+  return e4m3x2_to_half2(__byte_perm(lo, hi, ((4u + byte) << 4) | byte));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -319,6 +300,44 @@ __device__ __forceinline__ void load_q_frag_fp8(uint32_t (&a)[4], uint32_t s_q, 
   const uint32_t bottom = s_q + tile_offset<Cfg, Cfg::kBlockM>(row + 8, dim / 8) + in_chunk;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(a[0]), "=r"(a[2]) : "r"(top));
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(a[1]), "=r"(a[3]) : "r"(bottom));
+}
+
+// bf16 queries over an fp8 cache: rewrites the Q tile in place as fp16 for the fp16 MMAs, each
+// row times the power of two 2^e that puts its largest |q| in [2^14, 2^15) (e at most 126, so
+// that 2^-e is a normal float), and stores 2^-e per row in s_unscale for the row's softmax
+// scale. Exact for every value down to 2^-28 of its row's largest (fp16's 11 significant bits
+// hold bf16's 8 down to 2^-14); smaller ones round to fp16 subnormals, an error under 2^-39 of
+// the row's largest.
+template <class Cfg>
+__device__ __forceinline__ void rescale_q_to_half(unsigned char* q_tile, float* s_unscale,
+                                                  int tid) {
+  constexpr int kPerRow = Cfg::kThreads / Cfg::kBlockM;  // threads sharing a row
+  const int row = tid / kPerRow, sub = tid % kPerRow;
+  float top = 0.f;
+  for (int c = sub; c < Cfg::kChunks; c += kPerRow) {
+    const uint4 w = *reinterpret_cast<const uint4*>(q_tile + tile_offset<Cfg, Cfg::kBlockM>(row, c));
+    for (const uint32_t pair : {w.x, w.y, w.z, w.w}) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair));
+      top = fmaxf(top, fmaxf(fabsf(f.x), fabsf(f.y)));
+    }
+  }
+#pragma unroll
+  for (int offset = kPerRow / 2; offset > 0; offset >>= 1)
+    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+  // floor(log2(top)) from the exponent field: -127 for 0 (a padding row) and subnormals.
+  const int top_exp = static_cast<int>((__float_as_uint(top) >> 23) & 0xffu) - 127;
+  const int e = min(14 - top_exp, 126);
+  const float scale = __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
+  for (int c = sub; c < Cfg::kChunks; c += kPerRow) {
+    uint4* chunk = reinterpret_cast<uint4*>(q_tile + tile_offset<Cfg, Cfg::kBlockM>(row, c));
+    uint4 w = *chunk;
+    for (uint32_t* pair : {&w.x, &w.y, &w.z, &w.w}) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(pair));
+      *pair = pack2<__half>(f.x * scale, f.y * scale);
+    }
+    *chunk = w;
+  }
+  if (sub == 0) s_unscale[row] = __uint_as_float(static_cast<uint32_t>(127 - e) << 23);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -605,8 +624,9 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
                                             float (&row_sum)[2], const QFrag<Cfg>& q_frag,
                                             uint32_t s_q, uint32_t s_k, uint32_t s_v,
                                             const LaneOffsets<Cfg>& lo, int warp_m, int key16,
-                                            int key0, const RowMask& rm, float scale_log2) {
-  using T = typename Cfg::T;
+                                            int key0, const RowMask& rm,
+                                            const float (&scale_log2)[2]) {
+  using M = typename Cfg::MmaT;
   constexpr int kNT = Cfg::kNTiles;
 
   // ---- S = Q K^T over keys key0 .. key0 + kWarpKeys - 1 (16-row groups key16 ..) ----
@@ -635,8 +655,8 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
           load_q_frag_fp8<Cfg>(a, s_q, warp_m, ks, lane);
         }
         uint32_t b0, b1;
-        widen4<T>(kw[ks], b0, b1);
-        mma_16816<T>(s[nj], a, b0, b1);
+        widen4(kw[ks], b0, b1);
+        mma_16816<M>(s[nj], a, b0, b1);
       }
     }
   } else {
@@ -653,8 +673,8 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
       for (int nj = 0; nj < kNT / 2; ++nj) {
         uint32_t bk[4];
         ldmatrix_x4(bk, frag_addr<Cfg, Cfg::kBlockN>(s_k, lo.k, key16 + nj, ks));
-        mma_16816<T>(s[2 * nj], a, bk[0], bk[1]);
-        mma_16816<T>(s[2 * nj + 1], a, bk[2], bk[3]);
+        mma_16816<M>(s[2 * nj], a, bk[0], bk[1]);
+        mma_16816<M>(s[2 * nj + 1], a, bk[2], bk[3]);
       }
     }
   }
@@ -665,7 +685,7 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
   for (int nj = 0; nj < kNT; ++nj) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float x = s[nj][e] * scale_log2;
+      float x = s[nj][e] * scale_log2[e >> 1];
       if constexpr (kMask) {
         const int r = e >> 1;
         const int j = lane_key + nj * 8 + (e & 1);
@@ -724,10 +744,10 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
 #pragma unroll
   for (int ks = 0; ks < kNT / 2; ++ks) {
     uint32_t a[4];
-    a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
-    a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
-    a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-    a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+    a[0] = pack2<M>(s[2 * ks][0], s[2 * ks][1]);
+    a[1] = pack2<M>(s[2 * ks][2], s[2 * ks][3]);
+    a[2] = pack2<M>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+    a[3] = pack2<M>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
     if constexpr (Cfg::kFp8) {
       // Lane (g, t) reads d/8 contiguous bytes (column g of every O tile, see above) of each of
       // its keys 2t, 2t+1, 2t+8, 2t+9 of the 16-key group.
@@ -741,17 +761,17 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
       load_fp8_bytes<Cfg, kBytes>(v9, s_v, key + 9, byte0);
 #pragma unroll
       for (int dn = 0; dn < Cfg::kDTiles; ++dn) {
-        const uint32_t b0 = widen_column<T>(v0[dn / 4], v1[dn / 4], dn % 4);
-        const uint32_t b1 = widen_column<T>(v8[dn / 4], v9[dn / 4], dn % 4);
-        mma_16816<T>(acc_o[dn], a, b0, b1);
+        const uint32_t b0 = widen_column(v0[dn / 4], v1[dn / 4], dn % 4);
+        const uint32_t b1 = widen_column(v8[dn / 4], v9[dn / 4], dn % 4);
+        mma_16816<M>(acc_o[dn], a, b0, b1);
       }
     } else {
 #pragma unroll
       for (int dn = 0; dn < Cfg::kHeadDim / 16; ++dn) {
         uint32_t bv[4];
         ldmatrix_x4_trans(bv, frag_addr<Cfg, Cfg::kBlockN>(s_v, lo.qv, key16 + ks, dn));
-        mma_16816<T>(acc_o[2 * dn], a, bv[0], bv[1]);
-        mma_16816<T>(acc_o[2 * dn + 1], a, bv[2], bv[3]);
+        mma_16816<M>(acc_o[2 * dn], a, bv[0], bv[1]);
+        mma_16816<M>(acc_o[2 * dn + 1], a, bv[2], bv[3]);
       }
     }
   }
@@ -871,8 +891,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int t_begin = tile_lo + split * per_split;
   const int t_end = min(t_begin + per_split, tile_lo + num_tiles);
 
-  float scale_log2 = p.softmax_scale * kLog2e;
-  if constexpr (Cfg::kFp8) scale_log2 *= *p.k_scale;
+  // The softmax scale in log2 units (times k_scale for fp8), per row of this lane: see
+  // rescale_q_to_half.
+  float scale_log2[2];
+  scale_log2[0] = scale_log2[1] = p.softmax_scale * kLog2e * (Cfg::kFp8 ? *p.k_scale : 1.f);
 
   const uint32_t s_stages = s_q + Cfg::kQBytes;  // stage s: K at s * kStageBytes, V after it
 
@@ -944,6 +966,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     if (p.rotary_cos != nullptr) {  // (a new token's query: seqlen_q = 1, at new_pos)
       rotate_tile_rows<Cfg, kBM>(smem, 0, rows_here, new_pos, p, tid);
       __syncthreads();
+    }
+    if constexpr (Cfg::kFp8 && std::is_same_v<T, __nv_bfloat16>) {
+      // The stats buffer is free until the epilogue.
+      float* s_unscale = reinterpret_cast<float*>(smem + Cfg::kStatsOffset);
+      rescale_q_to_half<Cfg>(smem, s_unscale, tid);
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        scale_log2[r] *= s_unscale[warp_m * kWarpRows + (lane >> 2) + 8 * r];
+      }
     }
     if constexpr (Cfg::kQInRegs) {
 #pragma unroll

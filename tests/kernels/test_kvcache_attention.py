@@ -52,6 +52,9 @@ class Case(NamedTuple):
     # "neox-partial-f32" (half the head dim rotates, float32 cos/sin).
     rotary: str | None = None
     max_seqlen_k: int | None = None  # the tile-width hint (None: the lengths read back)
+    # q times this, softmax_scale divided by it: the same attention from queries of another
+    # magnitude (bf16 queries outside fp16's range meet fp8 caches, whose MMAs run in fp16).
+    q_scale: float = 1.0
 
 
 def _random_tree_mask(batch, n, device):
@@ -118,6 +121,8 @@ def make_inputs(case: Case, dtype, device):
     # q, k, v sliced out of a fused projection, as a model produces them.
     qkv = torch.randn(batch, seqlen_q, heads_q + 2 * heads_kv, d, device=device, dtype=dtype)
     q = qkv[:, :, :heads_q]
+    if case.q_scale != 1.0:
+        q = q * case.q_scale
     k = v = None
     if case.new_kv:
         k, v = qkv[:, :, heads_q:heads_q + heads_kv], qkv[:, :, heads_q + heads_kv:]
@@ -135,7 +140,8 @@ def make_inputs(case: Case, dtype, device):
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
                 cache_seqlens=cached.to(device), block_table=block_table,
                 causal=case.causal, window_size=case.window, num_splits=case.num_splits,
-                tree_mask=tree_mask, k_scale=k_scale, v_scale=v_scale, **rotary)
+                tree_mask=tree_mask, k_scale=k_scale, v_scale=v_scale,
+                softmax_scale=d**-0.5 / case.q_scale, **rotary)
 
 
 def _clone_caches(args):
@@ -337,6 +343,22 @@ GPU_CASES = {
 def test_kvcache_attention_gpu(backend, dtype, case):
     _skip_unimplemented("flash_attn_with_kvcache", backend)
     check_kvcache_attention(case, dtype, backend, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("q_scale", [2.0**20, 2.0**-30], ids=["large", "tiny"])
+@pytest.mark.parametrize("heads,seqlen_q,head_dim", [((9, 3), 1, 64), ((8, 2), 9, 128),
+                                                     ((4, 4), 1, 256)])
+def test_fp8_cache_with_bf16_queries_beyond_fp16_range(backend, q_scale, heads, seqlen_q,
+                                                       head_dim):
+    """bf16 queries whose values overflow fp16 (2^20 x randn) or vanish under its subnormals
+    (2^-30 x randn), with the softmax scale divided by as much: fp8 caches attend in fp16, so
+    the kernel must rescale q rows, not just convert them."""
+    _skip_unimplemented("flash_attn_with_kvcache", backend)
+    case = Case(batch=3, cache_lens=(300, 17, 2000), heads=heads, seqlen_q=seqlen_q,
+                head_dim=head_dim, causal=True, fp8=True, block_size=16, q_scale=q_scale)
+    check_kvcache_attention(case, torch.bfloat16, backend, "cuda")
 
 
 @pytest.mark.parametrize("backend,device", _backend_params("flash_attn_with_kvcache"))
