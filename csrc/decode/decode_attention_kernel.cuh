@@ -315,7 +315,8 @@ __device__ __forceinline__ void rescale_q_to_half(unsigned char* q_tile, float* 
   const int row = tid / kPerRow, sub = tid % kPerRow;
   float top = 0.f;
   for (int c = sub; c < Cfg::kChunks; c += kPerRow) {
-    const uint4 w = *reinterpret_cast<const uint4*>(q_tile + tile_offset<Cfg, Cfg::kBlockM>(row, c));
+    const uint4 w =
+        *reinterpret_cast<const uint4*>(q_tile + tile_offset<Cfg, Cfg::kBlockM>(row, c));
     for (const uint32_t pair : {w.x, w.y, w.z, w.w}) {
       const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair));
       top = fmaxf(top, fmaxf(fabsf(f.x), fabsf(f.y)));
