@@ -1,7 +1,7 @@
 """Probe (not a suite, not run by CI): one backend's decode kernel on bf16 and fp8 caches, and
 the engine's single-stream decode, in one short GPU call.
 
-    python -m bench.decode_probe [--backend cuda|triton] [--e2e] [OUT.json]
+    python -m bench.decode_probe [--backend cuda|triton] [--e2e] [--splits] [OUT.json]
 
 For A/B runs of a kernel change on one machine (build, probe, change, rebuild, probe again):
 the full ``decode`` suite takes minutes, this about one. Each row is a decode shape (GQA,
@@ -11,6 +11,9 @@ time (issue 4's bar: 1.6x) and each output's relative error against the float32 
 The last row is the engine's batch-1 shape: 384 cached keys. ``--e2e`` adds single-stream
 decode tok/s (``measure_latency``: a 128-token prompt, 256 new tokens, twice) of the
 Llama-3.2-1B shape (bf16 and fp8 KV caches) and the SmolLM2-135M shape, random weights.
+``--splits`` adds a sweep of forced split counts over the shapes where the plan splits (the
+plan's own count, then the counts that fill k waves of one program per SM, k = 1..4): the
+data behind ``ember.ops._split_kv``'s rule.
 
 Timing as in the ``decode`` suite: CUDA-graph replay of back-to-back calls of the kernel
 backend (no host-side validation), inputs rotated through copies past the L2 cache.
@@ -34,6 +37,17 @@ SHAPES = (
     (32, 8, 128, 32, 4096, True), (32, 8, 64, 32, 4096, True), (32, 8, 64, 1, 384, True),
 )
 CACHES = (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))
+# (heads_q, heads_kv, head_dim, batch, cache length, paged, cache dtype) of the split sweep.
+SPLIT_SHAPES = tuple(
+    (hq, hkv, d, b, n, False, torch.bfloat16)
+    for hq, hkv in ((32, 8), (9, 3)) for d in (64, 128)
+    for b, n in ((1, 4096), (1, 32768), (1, 131072), (8, 8192))) + (
+    (9, 3, 64, 32, 4096, False, torch.bfloat16), (9, 3, 128, 32, 4096, False, torch.bfloat16),
+    (9, 3, 64, 1, 131072, True, torch.bfloat16), (32, 8, 64, 1, 32768, True, torch.bfloat16),
+    (9, 3, 64, 1, 131072, False, torch.float8_e4m3fn),
+    (32, 8, 64, 1, 32768, False, torch.float8_e4m3fn),
+    (9, 3, 128, 1, 131072, False, torch.float8_e4m3fn),
+    (9, 3, 64, 32, 4096, False, torch.float8_e4m3fn))
 # (model shape, kv_cache_dtype)
 E2E_RUNS = (("llama-3.2-1b", "auto"), ("llama-3.2-1b", "fp8"), ("smollm2-135m", "auto"))
 
@@ -52,6 +66,35 @@ def kernel_rows(backend: str) -> list:
             row.update({f"{name}_us": us, f"{name}_gb_s": gb_s, f"{name}_error": error})
         row["fp8_speedup"] = row["bf16_us"] / row["fp8_us"]
         rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def split_rows(backend: str) -> list:
+    """Forced split counts against the plan's (0) on SPLIT_SHAPES, GB/s of the kernel."""
+    from ember.ops import _registry
+    from ember.ops._split_kv import sm_count
+    from ember.ops.attention import _check_options
+
+    implementation = _registry.implementation(decode.OP, backend)
+    sms = sm_count(torch.device("cuda"))
+    rows = []
+    for heads_q, heads_kv, head_dim, batch, length, paged, cache_dtype in SPLIT_SHAPES:
+        options = _check_options(decode.OP, None, True, (-1, -1), head_dim)
+        work = batch * heads_kv
+        counts = [0] + sorted({min(128, max(1, k * sms // work)) for k in (1, 2, 3, 4)})
+        for splits in counts:
+            def kernel(q, kc, vc, lens, table, ks, vs, s=splits, o=options):
+                return implementation(q, kc, vc, lens, table, *o, s,
+                                      kc.shape[1] * (1 if table is None else table.shape[1]),
+                                      None, ks, vs)
+            us, gb_s, error = time_kernel(
+                kernel, (heads_q, heads_kv, head_dim, batch, length, paged), cache_dtype)
+            rows.append({"shape": f"{heads_q}:{heads_kv} d={head_dim} {batch}x{length} "
+                                  f"{'paged' if paged else 'contiguous'} {cache_dtype}",
+                         "splits": splits, "us": us, "gb_s": gb_s, "error": error})
+            print(f"{rows[-1]['shape']:48s} splits {splits:3d}  {us:7.1f} us  {gb_s:5.0f} GB/s",
+                  flush=True)
         torch.cuda.empty_cache()
     return rows
 
@@ -89,7 +132,8 @@ def main(argv: list) -> None:
     backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "cuda"
     paths = [a for a in argv if a.endswith(".json")]
     result = {"gpu": torch.cuda.get_device_name(), "backend": backend,
-              "rows": kernel_rows(backend), "e2e": e2e_tok_s() if "--e2e" in argv else {}}
+              "rows": kernel_rows(backend), "e2e": e2e_tok_s() if "--e2e" in argv else {},
+              "splits": split_rows(backend) if "--splits" in argv else []}
     for r in result["rows"]:
         print(f"{r['shape']:32s} bf16 {r['bf16_gb_s']:5.0f} GB/s  fp8 {r['fp8_gb_s']:5.0f} GB/s"
               f"  fp8 speed-up {r['fp8_speedup']:.2f}  error {r['bf16_error']:.1e} "

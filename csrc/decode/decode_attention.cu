@@ -62,13 +62,22 @@ void flash_attn_with_kvcache(const DecodeParams& p, int dtype, int cache_dtype,
     throw std::invalid_argument(op + "page size must be a positive multiple of 16, got " +
                                 std::to_string(p.page_size));
   }
-  // The kernel forms a cache row's offset as a 32 x 32 -> 64-bit product (load_kv_tile).
+  // The kernel forms a cache row's offset as a 32 x 32 -> 64-bit product (load_kv_tile), and a
+  // paged cache block's.
   constexpr int64_t kMaxRowStride = INT32_MAX;
   if (p.k_row_stride < 0 || p.k_row_stride > kMaxRowStride || p.v_row_stride < 0 ||
       p.v_row_stride > kMaxRowStride) {
     throw std::invalid_argument(op + "k_cache and v_cache need a row stride (dim 1) in [0, 2^31), "
                                      "got " + std::to_string(p.k_row_stride) + " and " +
                                 std::to_string(p.v_row_stride));
+  }
+  // A paged cache's block offset likewise (dim 0: one block of page_size rows).
+  if (p.block_table != nullptr &&
+      (p.k_batch_stride < 0 || p.k_batch_stride > kMaxRowStride || p.v_batch_stride < 0 ||
+       p.v_batch_stride > kMaxRowStride)) {
+    throw std::invalid_argument(op + "paged k_cache and v_cache need a block stride (dim 0) in "
+                                     "[0, 2^31), got " + std::to_string(p.k_batch_stride) +
+                                " and " + std::to_string(p.v_batch_stride));
   }
   const bool fp8 = static_cast<DType>(cache_dtype) == DType::kFloat8E4M3;
   if (!fp8 && cache_dtype != dtype) {

@@ -15,11 +15,14 @@
 //   * GQA packing: the CTA owns all `group` query heads of its kv head, for every query position:
 //     packed row r is position r / group of head kv_head * group + r % group. K/V are read from
 //     memory once per kv head, whatever the group size.
-//   * Two warp layouts over a 16-row m16n8k16 MMA tile per warp:
-//       - decode (<= 16 packed rows): 1 x 4, one 16-row block shared by the 4 warps, each warp
+//   * Two warp layouts over m16n8k16 MMA tiles:
+//       - decode (<= 16 packed rows): 1 x 4, one row block shared by the 4 warps, each warp
 //         taking its own quarter of every K/V tile and keeping its own online softmax; the four
-//         partial states are merged through shared memory at the end. The padded rows cost
-//         tensor-core cycles only, which this memory-bound loop has to spare.
+//         partial states are merged through shared memory at the end. Up to 8 rows (every GQA
+//         group of a single-token decode up to 8) it runs key-major, S^T = K Q^T and
+//         O^T = V^T P^T, keys and head dims on the MMA's 16-row side and the rows on its 8
+//         columns (attend_tile_key_major); 9 to 16 rows run row-major, S = Q K^T, 16 rows on
+//         the MMA's row side. The padded rows or columns cost tensor-core cycles only.
 //       - append / chunked prefill / tree (> 16 rows): 4 x 1, 64 rows, each warp 16 rows over
 //         the whole K/V tile (FlashAttention-2's split of the work).
 //   * K/V tiles stream through a multi-stage cp.async pipeline (16-byte copies, coalesced along
@@ -126,13 +129,20 @@ constexpr int decode_block_n(int head_dim, bool fp8, bool wide) {
   return !wide ? 64 : fp8 ? 64 * (256 / head_dim) : (head_dim == 64 ? 128 : 64);
 }
 
-template <typename T_, int kHeadDim_, int kWarpsM_, bool kFp8_, bool kWide_ = false>
+// Packed rows up to which the decode layout runs key-major (see attend_tile_key_major).
+constexpr int kKeyMajorRows = 8;
+
+template <typename T_, int kHeadDim_, int kWarpsM_, bool kFp8_, bool kWide_ = false,
+          bool kKeyMajor_ = false>
 struct DecodeConfig {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kWarpsM = kWarpsM_;
   static constexpr int kWarpsN = kWarps / kWarpsM;
   static constexpr bool kFp8 = kFp8_;
+  // S^T = K Q^T and O^T = V^T P^T: keys (and head dims) on the MMA's 16-row side, the packed
+  // query rows (at most 8) on its 8-column side. Decode layout only.
+  static constexpr bool kKeyMajor = kKeyMajor_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kElemBytes = kFp8 ? 1 : 2;  // per cache element
   // The MMAs' input type: fp16 over an fp8 cache (e4m3x2_to_half2), else q's.
@@ -143,8 +153,10 @@ struct DecodeConfig {
   static constexpr int kBlockN = kWarpsM == 1 ? decode_block_n(kHeadDim, kFp8, kWide_)
                                               : (kHeadDim <= 128 ? 64 : 32);
   static constexpr int kWarpKeys = kBlockN / kWarpsN;
-  static constexpr int kNTiles = kWarpKeys / 8;  // n8 tiles of S per warp
-  static constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O per warp
+  // Tiles of S per warp: n8 (row-major) or m16 (key-major, S^T) tiles of keys.
+  static constexpr int kSTiles = kWarpKeys / (kKeyMajor ? 16 : 8);
+  // Accumulator tiles of O per warp: n8 tiles of dims, or m16 tiles of dims of O^T.
+  static constexpr int kDTiles = kHeadDim / (kKeyMajor ? 16 : 8);
   static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per 16-bit row
   // Q fragments live in registers unless they would crowd out O (d = 256).
   static constexpr bool kQInRegs = kHeadDim <= 128;
@@ -190,7 +202,19 @@ struct DecodeConfig {
   static_assert(kHeadDim % 32 == 0 && kWarpKeys % 16 == 0, "tile shape");
   static_assert(kChunks % kBlockChunks == 0, "head_dim must fill whole column blocks");
   static_assert(!kFp8 || kRawTileBytes % 128 == 0, "fp8 tiles are whole 128-byte lines");
+  static_assert(!kKeyMajor || kWarpsM == 1, "key-major is a decode-layout variant");
+  // The key-major fp8 reads of one 16-key tile are those of the first shifted by 16 rows, a
+  // constant when 16 rows span whole 8-line swizzle periods (Fp8KeyMajorOffsets).
+  static_assert(!kKeyMajor || !kFp8 || kHeadDim % 64 == 0, "key-major fp8: d % 64 == 0");
 };
+
+// This lane's two rows of the query block (row index r = 0, 1 of its MMA state): rows g and
+// g + 8 of its warp's 16 (row-major), or columns 2t and 2t + 1 of S^T (key-major), where
+// (g, t) = (lane / 4, lane % 4).
+template <class Cfg>
+__device__ __forceinline__ int lane_row(int warp_m, int lane, int r) {
+  return Cfg::kKeyMajor ? 2 * (lane & 3) + r : warp_m * kWarpRows + (lane >> 2) + 8 * r;
+}
 
 // ------------------------------------------------------------------------------------------
 // fp8 e4m3 -> fp16, exact
@@ -265,16 +289,33 @@ __device__ __forceinline__ uint32_t fp8_chunk_offset(int row, int chunk) {
   return (line << 7) | (((linear & 7) ^ fp8_line_swizzle(line)) << 4);
 }
 
-// kBytes contiguous bytes of row `row` of an fp8 tile from byte `byte0` (a multiple of kBytes)
-// into 32-bit words, in the widest shared loads that divide kBytes.
+// kBytes contiguous bytes of an fp8 tile row are read in the widest shared loads that divide
+// kBytes, kFp8Pieces<kBytes> of them.
+template <int kBytes>
+constexpr int kFp8Piece = kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : 4;
+template <int kBytes>
+constexpr int kFp8Pieces = kBytes / kFp8Piece<kBytes>;
+
+// Offsets in an fp8 tile of the pieces of kBytes contiguous bytes of row `row` from byte
+// `byte0` (a multiple of kBytes).
 template <class Cfg, int kBytes>
-__device__ __forceinline__ void load_fp8_bytes(uint32_t (&w)[kBytes / 4], uint32_t tile, int row,
-                                               int byte0) {
-  constexpr int kPiece = kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : 4;
+__device__ __forceinline__ void fp8_piece_offsets(uint32_t (&off)[kFp8Pieces<kBytes>], int row,
+                                                  int byte0) {
 #pragma unroll
-  for (int i = 0; i < kBytes / kPiece; ++i) {
-    const int byte = byte0 + i * kPiece;
-    const uint32_t addr = tile + fp8_chunk_offset<Cfg>(row, byte / 16) + byte % 16;
+  for (int i = 0; i < kFp8Pieces<kBytes>; ++i) {
+    const int byte = byte0 + i * kFp8Piece<kBytes>;
+    off[i] = fp8_chunk_offset<Cfg>(row, byte / 16) + byte % 16;
+  }
+}
+
+// The pieces at tile + off[i] into 32-bit words.
+template <int kBytes>
+__device__ __forceinline__ void load_fp8_pieces(uint32_t (&w)[kBytes / 4], uint32_t tile,
+                                                const uint32_t (&off)[kFp8Pieces<kBytes>]) {
+  constexpr int kPiece = kFp8Piece<kBytes>;
+#pragma unroll
+  for (int i = 0; i < kFp8Pieces<kBytes>; ++i) {
+    const uint32_t addr = tile + off[i];
     uint32_t* d = w + i * (kPiece / 4);
     if constexpr (kPiece == 16) {
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -286,6 +327,16 @@ __device__ __forceinline__ void load_fp8_bytes(uint32_t (&w)[kBytes / 4], uint32
       asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(d[0]) : "r"(addr));
     }
   }
+}
+
+// kBytes contiguous bytes of row `row` of an fp8 tile from byte `byte0` (a multiple of kBytes)
+// into 32-bit words.
+template <class Cfg, int kBytes>
+__device__ __forceinline__ void load_fp8_bytes(uint32_t (&w)[kBytes / 4], uint32_t tile, int row,
+                                               int byte0) {
+  uint32_t off[kFp8Pieces<kBytes>];
+  fp8_piece_offsets<Cfg, kBytes>(off, row, byte0);
+  load_fp8_pieces<kBytes>(w, tile, off);
 }
 
 // Q's A fragment of k-step ks in the dim order of the fp8 K fragments (see above): slots 2t,
@@ -393,77 +444,119 @@ struct PageList {
 // (fp8_chunk_offset). Keys at or past seqlen_k are zero-filled without a read, so their
 // block_table entries are never looked up either.
 //
-// The address arithmetic is kept short on purpose: with one split per sequence a CTA's tiles are
-// a chain of one warp's dependent instructions (ncu, 2048 keys in one split: ~3.5 cycles between
-// a warp's issues, nothing else eligible), and per 16-byte copy pair the old form spent 62-108
-// static instructions (sm_90a SASS) on 64 x 64-bit stride products, reloaded constants and
-// per-copy branches. Here, per K and per V, a copy's source is an unsigned 32-bit block number
-// times the 64-bit block stride (entries are non-negative) plus a 32 x 32 -> 64-bit row product
-// (row strides fit 32 bits: the launcher checks): 41-47 instructions per pair, no branch.
+// The address arithmetic is kept short on purpose: it is issued by the same warps, between the
+// same barriers, as the tile's math, and at d = 64 it was 40% of a tile's instructions (sm_90a
+// SASS, ~45 per K/V copy pair: the swizzled destination, a 64-bit block product and a row
+// product per copy). A thread copies one 16-byte chunk column of rows row0 + i * kRowStep:
+//   * the destinations of its copies are the first one's plus constants wherever kRowStep rows
+//     span whole swizzle periods (every head dim but 96, and 256 at 16 bits);
+//   * contiguous caches: the sources are the first one's plus i row steps, a 64-bit add;
+//   * paged caches: block_table[b, key / page_size] times the block stride plus the slot times
+//     the row stride, each a 32 x 32 -> 64-bit product (entries are non-negative, and both
+//     strides fit 32 bits: the launcher checks).
 template <class Cfg>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
                                              const PageList& pages, int b, int kv_head, int tile,
                                              int seqlen_k, int new_pos) {
   using E = std::conditional_t<Cfg::kFp8, uint8_t, typename Cfg::T>;
-  constexpr int kItems = Cfg::kBlockN * Cfg::kCopyChunks;
-  // Re-read the thread index (volatile: ptxas cannot hoist it) so that the per-item offsets are
+  constexpr int kRowStep = Cfg::kThreads / Cfg::kCopyChunks;  // rows copied per step
+  constexpr int kSteps = (Cfg::kBlockN + kRowStep - 1) / kRowStep;
+  // Every thread busy and every step whole: true unless head_dim is 96.
+  constexpr bool kExact =
+      kRowStep * Cfg::kCopyChunks == Cfg::kThreads && Cfg::kBlockN % kRowStep == 0;
+  // Bytes between the destinations of consecutive steps, 0 where they are not a constant.
+  constexpr uint32_t kDstStep =
+      !kExact ? 0
+      : Cfg::kFp8
+          ? ((kRowStep * Cfg::kCacheRowBytes) % 1024 == 0 ? kRowStep * Cfg::kCacheRowBytes : 0)
+          : (kRowStep % 8 == 0 ? kRowStep * Cfg::kRowBytes : 0);
+  // Re-read the thread index (volatile: ptxas cannot hoist it) so that the per-thread offsets are
   // recomputed per tile instead of being kept live across the whole K/V loop, where they would
   // crowd out the O accumulators (as in the prefill kernel's load_tile).
   int tid;
   asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
-  const E* k = static_cast<const E*>(p.k_cache) + kv_head * p.k_head_stride;
-  const E* v = static_cast<const E*>(p.v_cache) + kv_head * p.v_head_stride;
+  const int row0 = tid / Cfg::kCopyChunks;
+  const int chunk = tid % Cfg::kCopyChunks;
+  const int col = chunk * Cfg::kCopyElems;
+  const E* k = static_cast<const E*>(p.k_cache) + kv_head * p.k_head_stride + col;
+  const E* v = static_cast<const E*>(p.v_cache) + kv_head * p.v_head_stride + col;
   const bool paged = p.block_table != nullptr;
   const uint32_t k_row_stride = static_cast<uint32_t>(p.k_row_stride);
   const uint32_t v_row_stride = static_cast<uint32_t>(p.v_row_stride);
+  // The first step's key; contiguous caches: its rows.
+  const int key0 = tile * Cfg::kBlockN + row0;
+  const E* k_first = k + b * p.k_batch_stride +
+                     static_cast<uint64_t>(static_cast<uint32_t>(key0)) * k_row_stride;
+  const E* v_first = v + b * p.v_batch_stride +
+                     static_cast<uint64_t>(static_cast<uint32_t>(key0)) * v_row_stride;
   // The new token's rows, computed once: a per-copy computation behind a branch (instead of a
   // select between two live pointers) cost SmolLM2's decode step 2.5% on the H100.
   const E* new_k = nullptr;
   const E* new_v = nullptr;
   if (!Cfg::kFp8 && new_pos >= 0) {
     new_k = static_cast<const E*>(p.new_k) + b * p.new_k_batch_stride +
-            kv_head * p.new_k_head_stride;
+            kv_head * p.new_k_head_stride + col;
     new_v = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
-            kv_head * p.new_v_head_stride;
+            kv_head * p.new_v_head_stride + col;
   }
+  uint32_t dst0 = 0;
+  if constexpr (kDstStep != 0) {
+    dst0 = Cfg::kFp8 ? fp8_chunk_offset<Cfg>(row0, chunk)
+                     : tile_offset<Cfg, Cfg::kBlockN>(row0, chunk);
+  }
+  // The layout is tested once per tile, not per copy: each has its own unrolled loop, which
+  // calls `copy(i, valid, k_src, v_src)` for its steps.
+  auto copy = [&](int i, bool valid, const E* k_src, const E* v_src) {
+    if (!Cfg::kFp8 && key0 + i * kRowStep == new_pos) {  // the new token: not in the cache yet
+      k_src = new_k;
+      v_src = new_v;
+    }
+    uint32_t dst;
+    if constexpr (kDstStep != 0) {
+      dst = dst0 + i * kDstStep;
+    } else if constexpr (Cfg::kFp8) {
+      dst = fp8_chunk_offset<Cfg>(row0 + i * kRowStep, chunk);
+    } else {
+      dst = tile_offset<Cfg, Cfg::kBlockN>(row0 + i * kRowStep, chunk);
+    }
+    cp_async_16(s_k + dst, k_src, valid);
+    cp_async_16(s_v + dst, v_src, valid);
+  };
+  // Whether step i is a copy of this thread (always, unless head_dim is 96).
+  auto active = [&](int i) {
+    return kExact || (tid < kRowStep * Cfg::kCopyChunks && row0 + i * kRowStep < Cfg::kBlockN);
+  };
+  if (paged) {
+    // Block strides fit 32 bits too (the launcher checks): one 32 x 32 -> 64-bit product each.
+    const uint32_t k_block_stride = static_cast<uint32_t>(p.k_batch_stride);
+    const uint32_t v_block_stride = static_cast<uint32_t>(p.v_batch_stride);
 #pragma unroll
-  for (int i = 0; i < (kItems + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
-    // Unsigned, so that row and chunk are shifts and masks of tid and the swizzled destination
-    // differs between items by constants.
-    const uint32_t idx = i * Cfg::kThreads + static_cast<uint32_t>(tid);
-    if (kItems % Cfg::kThreads == 0 || idx < kItems) {
-      const int row = static_cast<int>(idx / Cfg::kCopyChunks);
-      const int chunk = static_cast<int>(idx % Cfg::kCopyChunks);
-      const int key = tile * Cfg::kBlockN + row;
-      // An fp8 tile's new-token row gets the cache's old bytes, which quantize_new_row
-      // overwrites once the tile has landed (no extra test here: fp8 tiles stream 16-32 KB).
-      const bool valid = key < seqlen_k;
-      // A key past the end reads nothing, but still gets an in-range address: row 0 of block 0
-      // (paged) or of its own sequence (contiguous).
-      uint32_t block = paged ? 0u : static_cast<uint32_t>(b);
-      uint32_t slot = valid ? static_cast<uint32_t>(key) : 0u;
-      if (paged && valid) {
-        const int page = page_of(p, key);
-        slot = static_cast<uint32_t>(key - page * p.page_size);
-        block = static_cast<uint32_t>(pages.entries[page - pages.first]);
-      }
-      const E* k_src = k + static_cast<uint64_t>(block) * p.k_batch_stride +
-                       static_cast<uint64_t>(slot) * k_row_stride;
-      const E* v_src = v + static_cast<uint64_t>(block) * p.v_batch_stride +
-                       static_cast<uint64_t>(slot) * v_row_stride;
-      if (!Cfg::kFp8 && key == new_pos) {  // the new token: not in the cache yet
-        k_src = new_k;
-        v_src = new_v;
-      }
-      const int col = chunk * Cfg::kCopyElems;
-      uint32_t dst;
-      if constexpr (Cfg::kFp8) {
-        dst = fp8_chunk_offset<Cfg>(row, chunk);
-      } else {
-        dst = tile_offset<Cfg, Cfg::kBlockN>(row, chunk);
-      }
-      cp_async_16(s_k + dst, k_src + col, valid);
-      cp_async_16(s_v + dst, v_src + col, valid);
+    for (int i = 0; i < kSteps; ++i) {
+      if (!active(i)) continue;
+      const int key = key0 + i * kRowStep;
+      // A key past the end is looked up as the sequence's last (seqlen_k >= 1 here): an
+      // in-range address, never read.
+      const int live_key = min(key, seqlen_k - 1);
+      const int page = page_of(p, live_key);
+      const uint32_t slot = static_cast<uint32_t>(live_key - page * p.page_size);
+      const uint32_t block = static_cast<uint32_t>(pages.entries[page - pages.first]);
+      copy(i, key < seqlen_k,
+           k + static_cast<uint64_t>(block) * k_block_stride +
+               static_cast<uint64_t>(slot) * k_row_stride,
+           v + static_cast<uint64_t>(block) * v_block_stride +
+               static_cast<uint64_t>(slot) * v_row_stride);
+    }
+  } else {
+    // A running pointer per cache: one 64-bit add a step. Rows past the end (even past the
+    // cache's capacity) are never read: cp.async reads no byte of an invalid copy, as in the
+    // prefill kernel's load_tile.
+    const uint64_t k_step = static_cast<uint64_t>(kRowStep) * k_row_stride;
+    const uint64_t v_step = static_cast<uint64_t>(kRowStep) * v_row_stride;
+    const E* k_src = k_first;
+    const E* v_src = v_first;
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i, k_src += k_step, v_src += v_step) {
+      if (active(i)) copy(i, key0 + i * kRowStep < seqlen_k, k_src, v_src);
     }
   }
 }
@@ -609,17 +702,113 @@ __device__ __noinline__ void quantize_new_row(unsigned char* k_tile, unsigned ch
 // One K/V tile for one warp: S = Q K^T over the warp's keys, mask, online softmax, O += P V
 // ------------------------------------------------------------------------------------------
 
-// What a lane needs to mask its two rows (lane / 4 and lane / 4 + 8 of the warp's 16): key j is
-// visible iff lo[r] <= j < hi[r] and, with tree[r] set, j < diag or tree[r][j - diag].
+// What a lane needs to mask its two rows (lane_row): key j is visible iff lo[r] <= j < hi[r]
+// and, with tree[r] set, j < diag or tree[r][j - diag].
 struct RowMask {
   int lo[2], hi[2];
   const uint8_t* tree[2];
   int diag;
 };
 
+// Q's MMA fragments, kept in registers when kQInRegs: per k-step the A fragment of the warp's
+// 16 rows (row-major), or the B fragment of Q^T's 8 columns (key-major).
 template <class Cfg>
-using QFrag = uint32_t[Cfg::kQInRegs ? Cfg::kHeadDim / 16 : 1][4];
+using QFrag = uint32_t[Cfg::kQInRegs ? Cfg::kHeadDim / 16 : 1][Cfg::kKeyMajor ? 2 : 4];
 
+// Q's fragment of k-step ks from the shared Q tile. Key-major takes the A fragment's elements
+// 0 and 2 (rows 0..7, k slots 2t, 2t+1 and 2t+8, 2t+9), which are the B fragment of Q^T.
+template <class Cfg>
+__device__ __forceinline__ void load_q_frag(uint32_t (&q)[Cfg::kKeyMajor ? 2 : 4], uint32_t s_q,
+                                            const LaneOffsets<Cfg>& lo, int warp_m, int ks,
+                                            int lane) {
+  uint32_t a[4];
+  if constexpr (Cfg::kFp8) {
+    load_q_frag_fp8<Cfg>(a, s_q, warp_m, ks, lane);
+  } else {
+    ldmatrix_x4(a, frag_addr<Cfg, Cfg::kBlockM>(s_q, lo.qv, warp_m, ks));
+  }
+  if constexpr (Cfg::kKeyMajor) {
+    q[0] = a[0];
+    q[1] = a[2];
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) q[e] = a[e];
+  }
+}
+
+// Scores into log2 units (first, so that the scale's sign cannot upset the max), then the
+// mask. Element e of score tile i is row (lane_row) kRow(e) against key key_of(i, e).
+template <class Cfg, bool kMask, class KeyOf>
+__device__ __forceinline__ void scale_and_mask(float (&s)[Cfg::kSTiles][4], const RowMask& rm,
+                                               const float (&scale_log2)[2], KeyOf key_of) {
+#pragma unroll
+  for (int i = 0; i < Cfg::kSTiles; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = Cfg::kKeyMajor ? e & 1 : e >> 1;
+      float x = s[i][e] * scale_log2[r];
+      if constexpr (kMask) {
+        const int j = key_of(i, e);
+        bool visible = j >= rm.lo[r] && j < rm.hi[r];
+        // The tree rows are read only for keys of the sequence (j < hi <= seqlen_k), so
+        // j - diag < seqlen_q.
+        if (visible && rm.tree[r] != nullptr && j >= rm.diag) {
+          visible = rm.tree[r][j - rm.diag] != 0;
+        }
+        if (!visible) x = -INFINITY;
+      }
+      s[i][e] = x;
+    }
+  }
+}
+
+// Online softmax (base 2) of a tile of scores, P overwriting S, and the rescale of O by the
+// moved maxima. A row's scores are spread over the 4 lanes of a quad (row-major) or the 8
+// lanes sharing lane % 4 (key-major); each lane keeps its own partial row sums, which add up in
+// the epilogue.
+template <class Cfg>
+__device__ __forceinline__ void online_softmax(float (&s)[Cfg::kSTiles][4],
+                                               float (&acc_o)[Cfg::kDTiles][4],
+                                               float (&row_max)[2], float (&row_sum)[2]) {
+  float correction[2];
+  bool max_moved = false;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // Elements (e0, e1) of every tile are this row's.
+    const int e0 = Cfg::kKeyMajor ? r : 2 * r, e1 = Cfg::kKeyMajor ? r + 2 : 2 * r + 1;
+    float m = row_max[r];
+#pragma unroll
+    for (int i = 0; i < Cfg::kSTiles; ++i) m = fmaxf(m, fmaxf(s[i][e0], s[i][e1]));
+#pragma unroll
+    for (int offset = Cfg::kKeyMajor ? 4 : 1; offset < (Cfg::kKeyMajor ? 32 : 4); offset <<= 1)
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    // Until a row has seen a key its max is -inf; shifting by 0 then keeps exp2 at 0 instead of
+    // the NaN of (-inf) - (-inf).
+    const float shift = m == -INFINITY ? 0.f : m;
+    correction[r] = exp2f(row_max[r] - shift);
+    max_moved |= m != row_max[r];
+    row_max[r] = m;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < Cfg::kSTiles; ++i) {
+      s[i][e0] = exp2f(s[i][e0] - shift);
+      s[i][e1] = exp2f(s[i][e1] - shift);
+      sum += s[i][e0] + s[i][e1];
+    }
+    row_sum[r] = row_sum[r] * correction[r] + sum;
+  }
+  // A max that did not move means a correction of exactly 1: past the first tiles, the common
+  // case, so the rescale of O is skipped when no row of the warp moved.
+  if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+    for (int dn = 0; dn < Cfg::kDTiles; ++dn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[dn][e] *= correction[Cfg::kKeyMajor ? e & 1 : e >> 1];
+  }
+}
+
+// Row-major tile: S = Q K^T (16 rows x the warp's kWarpKeys keys, in n8 tiles), softmax,
+// O += P V (16 rows x head_dim, in n8 tiles).
 template <class Cfg, bool kMask>
 __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], float (&row_max)[2],
                                             float (&row_sum)[2], const QFrag<Cfg>& q_frag,
@@ -628,7 +817,7 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
                                             int key0, const RowMask& rm,
                                             const float (&scale_log2)[2]) {
   using M = typename Cfg::MmaT;
-  constexpr int kNT = Cfg::kNTiles;
+  constexpr int kNT = Cfg::kSTiles;
 
   // ---- S = Q K^T over keys key0 .. key0 + kWarpKeys - 1 (16-row groups key16 ..) ----
   float s[kNT][4];
@@ -680,66 +869,10 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
     }
   }
 
-  // ---- scale into log2 units first (the scale's sign then cannot upset the max), and mask ----
   const int lane_key = key0 + 2 * (lane & 3);
-#pragma unroll
-  for (int nj = 0; nj < kNT; ++nj) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float x = s[nj][e] * scale_log2[e >> 1];
-      if constexpr (kMask) {
-        const int r = e >> 1;
-        const int j = lane_key + nj * 8 + (e & 1);
-        bool visible = j >= rm.lo[r] && j < rm.hi[r];
-        // The tree rows are read only for keys of the sequence (j < hi <= seqlen_k), so
-        // j - diag < seqlen_q.
-        if (visible && rm.tree[r] != nullptr && j >= rm.diag) {
-          visible = rm.tree[r][j - rm.diag] != 0;
-        }
-        if (!visible) x = -INFINITY;
-      }
-      s[nj][e] = x;
-    }
-  }
-
-  // ---- online softmax (base 2); P overwrites S ----
-  float correction[2];
-  bool max_moved = false;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float m = row_max[r];
-#pragma unroll
-    for (int nj = 0; nj < kNT; ++nj) m = fmaxf(m, fmaxf(s[nj][2 * r], s[nj][2 * r + 1]));
-    // The 4 lanes of a quad share a row.
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    // Until a row has seen a key its max is -inf; shifting by 0 then keeps exp2 at 0 instead of
-    // the NaN of (-inf) - (-inf).
-    const float shift = m == -INFINITY ? 0.f : m;
-    correction[r] = exp2f(row_max[r] - shift);
-    max_moved |= m != row_max[r];
-    row_max[r] = m;
-    float sum = 0.f;
-#pragma unroll
-    for (int nj = 0; nj < kNT; ++nj) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float pv = exp2f(s[nj][2 * r + c] - shift);
-        s[nj][2 * r + c] = pv;
-        sum += pv;
-      }
-    }
-    // Per-lane partial sums; the quad shares the max, so they add up in the epilogue.
-    row_sum[r] = row_sum[r] * correction[r] + sum;
-  }
-  // A max that did not move means a correction of exactly 1: past the first tiles, the common
-  // case, so the rescale of O is skipped when no row of the warp moved.
-  if (__any_sync(0xffffffffu, max_moved)) {
-#pragma unroll
-    for (int dn = 0; dn < Cfg::kDTiles; ++dn)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[dn][e] *= correction[e >> 1];
-  }
+  scale_and_mask<Cfg, kMask>(s, rm, scale_log2,
+                             [&](int nj, int e) { return lane_key + nj * 8 + (e & 1); });
+  online_softmax<Cfg>(s, acc_o, row_max, row_sum);
 
   // ---- O += P V: the S accumulators of key tiles 2ks and 2ks + 1 form the A fragment ----
 #pragma unroll
@@ -773,6 +906,148 @@ __device__ __forceinline__ void attend_tile(float (&acc_o)[Cfg::kDTiles][4], flo
         ldmatrix_x4_trans(bv, frag_addr<Cfg, Cfg::kBlockN>(s_v, lo.qv, key16 + ks, dn));
         mma_16816<M>(acc_o[2 * dn], a, bv[0], bv[1]);
         mma_16816<M>(acc_o[2 * dn + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+}
+
+// Transposes an 8x8 matrix of 16-bit values held one row pair per lane in MMA fragment order.
+__device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// This lane's offsets in an fp8 K/V tile for the key-major reads of its warp's first 16 keys
+// (16 key16 ..): K keys g and g+8 from byte (d/4) t, V keys 2t, 2t+1, 2t+8, 2t+9 from byte
+// (d/8) g. Key tile mi of the warp is 16 mi rows, 16 mi d bytes, further on. Computed once per
+// CTA: per tile, the swizzle arithmetic cost as many instructions as the reads it addressed.
+template <class Cfg>
+struct Fp8KeyMajorOffsets {
+  static constexpr int kKBytes = Cfg::kHeadDim / 4, kVBytes = Cfg::kHeadDim / 8;
+  uint32_t k[2][kFp8Pieces<kKBytes>];
+  uint32_t v[4][kFp8Pieces<kVBytes>];
+
+  __device__ __forceinline__ Fp8KeyMajorOffsets(int key16, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      fp8_piece_offsets<Cfg, kKBytes>(k[h], 16 * key16 + g + 8 * h, kKBytes * t);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      fp8_piece_offsets<Cfg, kVBytes>(v[i], 16 * key16 + 2 * t + (i & 1) + 8 * (i >> 1),
+                                      kVBytes * g);
+    // Opaque to the compiler, which would otherwise recompute them from the thread index in
+    // every tile (about 25 instructions a tile at d = 64) rather than keep 6 registers. Only
+    // where they are used: the other kernels drop them as dead code.
+    if constexpr (Cfg::kKeyMajor && Cfg::kFp8) {
+      for (auto& o : k) for (uint32_t& x : o) asm volatile("" : "+r"(x));
+      for (auto& o : v) for (uint32_t& x : o) asm volatile("" : "+r"(x));
+    }
+  }
+};
+
+// Key-major tile, for at most 8 packed rows: S^T = K Q^T in m16 tiles of 16 keys (keys on the
+// MMA's M side, the rows on its 8 columns), softmax per column, O^T += V^T P^T in m16 tiles of
+// 16 dims. Against the row-major tile, whose 16 MMA rows hold at most 8 real ones (4 in GQA
+// 32:8, 3 in 9:3), each MMA covers twice the keys or dims, so the tile takes half the MMAs, half
+// the softmax work per lane and half the accumulator registers; the K/V reads and the fp8
+// conversions are the same. What it adds: one movmatrix per 8 keys, turning P^T's
+// accumulators (lane (g, t): keys g, g+8 x rows 2t, 2t+1) into the B fragments of P^T (keys
+// 2t, 2t+1, 2t+8, 2t+9 x row g).
+//   Fragments, lane (g, t) = (lane / 4, lane % 4):
+//   * K, A of S^T: keys g and g+8 of the m16 tile; fp8 in the permuted dim order of the
+//     row-major tile (k-step ks, slots 2t, 2t+1, 2t+8, 2t+9 = dims (d/4) t + 4 ks + 0..3), so
+//     the lane reads d/4 contiguous bytes of each of its two keys; 16-bit through ldmatrix as
+//     Q is read in the row-major tile.
+//   * V, A of O^T = V^T P^T (rows = dims): fp8 row g / g+8 of dim tile dm is dim (d/8) g +
+//     2 dm / + 1, so the lane reads d/8 contiguous bytes of each of keys 2t, 2t+1, 2t+8, 2t+9
+//     (the row-major tile's V reads) and one byte permute pairs two dims of two keys; 16-bit
+//     through ldmatrix.trans.
+template <class Cfg, bool kMask>
+__device__ __forceinline__ void attend_tile_key_major(
+    float (&acc_o)[Cfg::kDTiles][4], float (&row_max)[2], float (&row_sum)[2],
+    const QFrag<Cfg>& q_frag, uint32_t s_q, uint32_t s_k, uint32_t s_v,
+    const LaneOffsets<Cfg>& lo, const Fp8KeyMajorOffsets<Cfg>& fo, int key16, int key0,
+    const RowMask& rm, const float (&scale_log2)[2]) {
+  using M = typename Cfg::MmaT;
+  using Fo = Fp8KeyMajorOffsets<Cfg>;
+  constexpr int kMT = Cfg::kSTiles;
+  const int lane = threadIdx.x & 31;
+
+  // ---- S^T = K Q^T over keys key0 .. key0 + kWarpKeys - 1 ----
+  float s[kMT][4];
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[mi][e] = 0.f;
+  constexpr uint32_t kTileShift = 16 * Cfg::kHeadDim;  // bytes of 16 fp8 rows
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+    [[maybe_unused]] uint32_t kw[2][Cfg::kHeadDim / 16];
+    if constexpr (Cfg::kFp8) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) load_fp8_pieces<Fo::kKBytes>(kw[h], s_k + mi * kTileShift, fo.k[h]);
+    }
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks) {
+      uint32_t a[4];
+      if constexpr (Cfg::kFp8) {
+        widen4(kw[0][ks], a[0], a[2]);
+        widen4(kw[1][ks], a[1], a[3]);
+      } else {
+        ldmatrix_x4(a, frag_addr<Cfg, Cfg::kBlockN>(s_k, lo.qv, key16 + mi, ks));
+      }
+      uint32_t b[2];
+      if constexpr (Cfg::kQInRegs) {
+        b[0] = q_frag[ks][0];
+        b[1] = q_frag[ks][1];
+      } else {
+        load_q_frag<Cfg>(b, s_q, lo, 0, ks, lane);
+      }
+      mma_16816<M>(s[mi], a, b[0], b[1]);
+    }
+  }
+
+  const int lane_key = key0 + (lane >> 2);
+  scale_and_mask<Cfg, kMask>(s, rm, scale_log2,
+                             [&](int mi, int e) { return lane_key + 16 * mi + 8 * (e >> 1); });
+  online_softmax<Cfg>(s, acc_o, row_max, row_sum);
+
+  // ---- O^T += V^T P^T, one k-step per m16 tile of S^T ----
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) {
+    const uint32_t b0 = transpose_8x8(pack2<M>(s[mi][0], s[mi][1]));  // keys 2t, 2t+1 x row g
+    const uint32_t b1 = transpose_8x8(pack2<M>(s[mi][2], s[mi][3]));  // keys 2t+8, 2t+9
+    if constexpr (Cfg::kFp8) {
+      constexpr int kWords = Cfg::kHeadDim / 32;  // d/8 bytes per key
+      const uint32_t tile = s_v + mi * kTileShift;
+      uint32_t v0[kWords], v1[kWords], v8[kWords], v9[kWords];
+      load_fp8_pieces<Fo::kVBytes>(v0, tile, fo.v[0]);
+      load_fp8_pieces<Fo::kVBytes>(v1, tile, fo.v[1]);
+      load_fp8_pieces<Fo::kVBytes>(v8, tile, fo.v[2]);
+      load_fp8_pieces<Fo::kVBytes>(v9, tile, fo.v[3]);
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) {
+        // Bytes 2h, 2h+1 of word w are rows g, g+8 of dim tile 2w + h: byte 2h of keys 2t and
+        // 2t+1 interleaved with byte 2h+1 of both, one permute for two fragment registers.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t sel = h == 0 ? 0x5140u : 0x7362u;
+          uint32_t a[4];
+          widen4(__byte_perm(v0[w], v1[w], sel), a[0], a[1]);
+          widen4(__byte_perm(v8[w], v9[w], sel), a[2], a[3]);
+          mma_16816<M>(acc_o[2 * w + h], a, b0, b1);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int dm = 0; dm < Cfg::kDTiles; ++dm) {
+        // K's lane pattern (lo.k) orders the four 8x8 matrices as A wants them: keys 0-7 x
+        // dims 0-7, keys 0-7 x dims 8-15, keys 8-15 x dims 0-7, keys 8-15 x dims 8-15.
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, frag_addr<Cfg, Cfg::kBlockN>(s_v, lo.k, key16 + mi, dm));
+        mma_16816<M>(acc_o[dm], a, b0, b1);
       }
     }
   }
@@ -913,7 +1188,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     rm.diag = diag;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = warp_m * kWarpRows + (lane >> 2) + 8 * r;
+      const int row = lane_row<Cfg>(warp_m, lane, r);
       const int pos = (r0 + row) / group;
       if (row < rows_here) {
         rm.lo[r] = p.window_left >= 0 ? pos + diag - p.window_left : 0;
@@ -929,6 +1204,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       }
     }
     const LaneOffsets<Cfg> lo = lane_offsets<Cfg>(lane);
+    const int key16 = warp_n * (Cfg::kWarpKeys / 16);  // the warp's keys of every tile
+    const Fp8KeyMajorOffsets<Cfg> fp8_offsets(key16, lane);
 
     // The split's block-table entries, staged in shared memory (PageList): the speculative
     // copy from the start where it covers them, else one round trip while Q lands.
@@ -974,18 +1251,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       rescale_q_to_half<Cfg>(smem, s_unscale, tid);
       __syncthreads();
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        scale_log2[r] *= s_unscale[warp_m * kWarpRows + (lane >> 2) + 8 * r];
-      }
+      for (int r = 0; r < 2; ++r) scale_log2[r] *= s_unscale[lane_row<Cfg>(warp_m, lane, r)];
     }
     if constexpr (Cfg::kQInRegs) {
 #pragma unroll
       for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks) {
-        if constexpr (Cfg::kFp8) {
-          load_q_frag_fp8<Cfg>(q_frag[ks], s_q, warp_m, ks, lane);
-        } else {
-          ldmatrix_x4(q_frag[ks], frag_addr<Cfg, kBM>(s_q, lo.qv, warp_m, ks));
-        }
+        load_q_frag<Cfg>(q_frag[ks], s_q, lo, warp_m, ks, lane);
       }
     }
 
@@ -1036,9 +1307,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
           (p.window_right >= 0 && n0 + kBN - 1 > first_q + diag + p.window_right) ||
           (p.window_left >= 0 && n0 < last_q + diag - p.window_left) ||
           (p.tree_mask != nullptr && n0 + kBN > diag);
-      const int key16 = warp_n * (Cfg::kWarpKeys / 16);
       const int key0 = n0 + warp_n * Cfg::kWarpKeys;
-      if (need_mask) {
+      if constexpr (Cfg::kKeyMajor) {
+        if (need_mask) {
+          attend_tile_key_major<Cfg, true>(acc_o, row_max, row_sum, q_frag, s_q, s_k, s_v, lo,
+                                           fp8_offsets, key16, key0, rm, scale_log2);
+        } else {
+          attend_tile_key_major<Cfg, false>(acc_o, row_max, row_sum, q_frag, s_q, s_k, s_v, lo,
+                                            fp8_offsets, key16, key0, rm, scale_log2);
+        }
+      } else if (need_mask) {
         attend_tile<Cfg, true>(acc_o, row_max, row_sum, q_frag, s_q, s_k, s_v, lo, warp_m, key16,
                                key0, rm, scale_log2);
       } else {
@@ -1056,28 +1334,47 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   float* s_o = reinterpret_cast<float*>(smem);  // [kWarpsN][kBM][kOStride]
   float* s_m = reinterpret_cast<float*>(smem + Cfg::kStatsOffset);  // [kWarpsN][kBM], log2 units
   float* s_l = s_m + Cfg::kWarpsN * kBM;                            // [kWarpsN][kBM]
-  const int quad_row = warp_m * kWarpRows + (lane >> 2);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
+    // The lanes sharing the row (see online_softmax) add their partial sums.
     float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if ((lane & 3) == 0) {
-      s_m[warp_n * kBM + quad_row + 8 * r] = row_max[r];
-      s_l[warp_n * kBM + quad_row + 8 * r] = l;
+#pragma unroll
+    for (int offset = Cfg::kKeyMajor ? 4 : 1; offset < (Cfg::kKeyMajor ? 32 : 4); offset <<= 1)
+      l += __shfl_xor_sync(0xffffffffu, l, offset);
+    if ((Cfg::kKeyMajor ? lane >> 2 : lane & 3) == 0) {
+      s_m[warp_n * kBM + lane_row<Cfg>(warp_m, lane, r)] = row_max[r];
+      s_l[warp_n * kBM + lane_row<Cfg>(warp_m, lane, r)] = l;
     }
   }
   __syncthreads();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = quad_row + 8 * r;
+    const int row = lane_row<Cfg>(warp_m, lane, r);
     float top = -INFINITY;
 #pragma unroll
     for (int w = 0; w < Cfg::kWarpsN; ++w) top = fmaxf(top, s_m[w * kBM + row]);
     // This warp's weight in the merged row; 0 when it saw no key of the row.
     const float weight = row_max[r] == -INFINITY ? 0.f : exp2f(row_max[r] - top);
     float* o_row = s_o + (warp_n * kBM + row) * Cfg::kOStride;
-    if constexpr (Cfg::kFp8) {
+    if constexpr (Cfg::kKeyMajor && Cfg::kFp8) {
+      // Rows g and g+8 of O^T's dim tile dm are dims (d/8) g + 2 dm and + 1 (the fp8 V order
+      // of attend_tile_key_major): this lane's d/8 contiguous dims of its row r.
+      float* dst = o_row + (Cfg::kHeadDim / 8) * (lane >> 2);
+#pragma unroll
+      for (int i = 0; i < Cfg::kHeadDim / 8; i += 4) {
+        *reinterpret_cast<float4*>(dst + i) =
+            make_float4(acc_o[i / 2][r] * weight, acc_o[i / 2][r + 2] * weight,
+                        acc_o[i / 2 + 1][r] * weight, acc_o[i / 2 + 1][r + 2] * weight);
+      }
+    } else if constexpr (Cfg::kKeyMajor) {
+      // Rows g and g+8 of O^T's dim tile dm are dims 16 dm + g and + 8.
+      float* dst = o_row + (lane >> 2);
+#pragma unroll
+      for (int dm = 0; dm < Cfg::kDTiles; ++dm) {
+        dst[16 * dm] = acc_o[dm][r] * weight;
+        dst[16 * dm + 8] = acc_o[dm][r + 2] * weight;
+      }
+    } else if constexpr (Cfg::kFp8) {
       // Column c of O tile dn is dim (d/8) c + dn (the fp8 V order): this lane's columns 2t and
       // 2t+1 are dims (d/4) t .. (d/4) t + d/4 - 1, the first d/8 from accumulator element
       // 2r of each tile, the next d/8 from element 2r+1.
@@ -1179,18 +1476,31 @@ void launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
                   "decode_attention_kernel", p);
 }
 
-// Instantiates the warp layouts for one head dim, q dtype and cache kind, and the decode
-// layout's wide tiles where they differ from its narrow ones.
+// The decode layout (key-major or row-major) with its wide tiles where they differ from its
+// narrow ones.
+template <typename T, int kHeadDim, bool kFp8, bool kKeyMajor>
+void run_decode_layout(const DecodeParams& p, cudaStream_t stream) {
+  if constexpr (decode_block_n(kHeadDim, kFp8, true) != decode_block_n(kHeadDim, kFp8, false)) {
+    if (p.wide_tiles) {
+      launch_decode_attention<DecodeConfig<T, kHeadDim, 1, kFp8, true, kKeyMajor>>(p, stream);
+      return;
+    }
+  }
+  launch_decode_attention<DecodeConfig<T, kHeadDim, 1, kFp8, false, kKeyMajor>>(p, stream);
+}
+
+// Instantiates the warp layouts for one head dim, q dtype and cache kind.
 template <typename T, int kHeadDim, bool kFp8>
 void run_decode(const DecodeParams& p, cudaStream_t stream) {
-  if (decode_warps_m(p.heads_q / p.heads_kv * p.seqlen_q) == 1) {
-    if constexpr (decode_block_n(kHeadDim, kFp8, true) != decode_block_n(kHeadDim, kFp8, false)) {
-      if (p.wide_tiles) {
-        launch_decode_attention<DecodeConfig<T, kHeadDim, 1, kFp8, true>>(p, stream);
-        return;
-      }
+  const int packed_rows = p.heads_q / p.heads_kv * p.seqlen_q;
+  if constexpr (!kFp8 || kHeadDim % 64 == 0) {
+    if (packed_rows <= kKeyMajorRows) {
+      run_decode_layout<T, kHeadDim, kFp8, true>(p, stream);
+      return;
     }
-    launch_decode_attention<DecodeConfig<T, kHeadDim, 1, kFp8>>(p, stream);
+  }
+  if (decode_warps_m(packed_rows) == 1) {
+    run_decode_layout<T, kHeadDim, kFp8, false>(p, stream);
   } else {
     launch_decode_attention<DecodeConfig<T, kHeadDim, kWarps, kFp8>>(p, stream);
   }

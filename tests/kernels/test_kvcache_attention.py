@@ -333,6 +333,20 @@ GPU_CASES = {
                                                max_seqlen_k=1),
     "b2-fp8-narrow-hint-long": Case(batch=2, cache_lens=(33000, 17), heads=(9, 3), fp8=True,
                                     max_seqlen_k=100),
+    # The CUDA decode layout runs key-major up to 8 packed rows: the full 8, a tree, a window
+    # and d = 256 (Q read from shared memory per tile), in fp8 and 16 bits.
+    "b7-fp8-mqa8:1-d128-paged16": Case(batch=7, cache_lens=(4096, 17, 257), heads=(8, 1),
+                                       head_dim=128, fp8=True, block_size=16),
+    "b3-key-major-sq5-tree-paged32": Case(batch=3, cache_lens=(5000, 1, 3000), heads=(4, 4),
+                                          seqlen_q=5, tree=True, block_size=32, num_splits=2),
+    "b3-fp8-key-major-sq5-tree-paged32": Case(batch=3, cache_lens=(5000, 1, 3000), heads=(4, 4),
+                                              seqlen_q=5, tree=True, block_size=32,
+                                              num_splits=2, fp8=True),
+    "b2-fp8-window-gqa28:4-splits2": Case(batch=2, cache_lens=(9000, 700), heads=(28, 4),
+                                          window=(4000, -1), causal=True, num_splits=2,
+                                          fp8=True),
+    "b7-fp8-d256-decode-paged16": Case(batch=7, cache_lens=(257, 4096), heads=(8, 2),
+                                       head_dim=256, fp8=True, block_size=16),
 }
 
 
