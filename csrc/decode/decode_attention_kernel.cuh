@@ -102,13 +102,17 @@ constexpr int kWarps = 4;
 // More packed rows than one warp tile switch to the 4 x 1 warp layout.
 inline int decode_warps_m(int packed_rows) { return packed_rows <= kWarpRows ? 1 : kWarps; }
 
-// Block-table entries a CTA stages in shared memory: the pages of up to 2048 keys at 16 keys a
-// page (a longer split reads the block table per tile, see PageList).
-constexpr int kStagedPages = 128;
+// Block-table entries a CTA stages in shared memory: the pages of up to 4096 keys at 16 keys a
+// page (a longer split reads the block table per tile, see PageList). 1 KB, which keeps every
+// decode configuration within two CTAs an SM; at 2048 keys (128 entries), one CTA per SM over
+// a 128k-key sequence (44 splits of 2979 keys at GQA 9:3) read its pages per tile.
+constexpr int kStagedPages = 256;
 
 // Keep a CTA's shared memory at most this large so that two CTAs share an H100 SM (228 KB):
 // while one waits on a barrier or its softmax, the other's copies keep the memory busy.
 constexpr int kTwoPerSmBytes = 100 * 1024;
+
+constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
 // Keys per KV tile of the decode layout, narrow or wide. Narrow: 64. Wide, where it differs:
 // 128 for 16-bit caches at d = 64 (the 128-byte rows of d = 128), and for fp8 caches the keys
@@ -454,29 +458,36 @@ struct PageList {
 //   * paged caches: block_table[b, key / page_size] times the block stride plus the slot times
 //     the row stride, each a 32 x 32 -> 64-bit product (entries are non-negative, and both
 //     strides fit 32 bits: the launcher checks).
-template <class Cfg>
+//
+// kPerWarp (the decode layout, whose warps each read their own kWarpKeys rows of every tile):
+// each warp copies its own rows, so that it waits for no other warp's copies (see the K/V loop).
+template <class Cfg, bool kPerWarp>
 __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const DecodeParams& p,
                                              const PageList& pages, int b, int kv_head, int tile,
                                              int seqlen_k, int new_pos) {
   using E = std::conditional_t<Cfg::kFp8, uint8_t, typename Cfg::T>;
-  constexpr int kRowStep = Cfg::kThreads / Cfg::kCopyChunks;  // rows copied per step
-  constexpr int kSteps = (Cfg::kBlockN + kRowStep - 1) / kRowStep;
+  constexpr int kCopyThreads = kPerWarp ? 32 : Cfg::kThreads;
+  constexpr int kRows = kPerWarp ? Cfg::kWarpKeys : Cfg::kBlockN;  // rows to copy
+  constexpr int kRowStep = kCopyThreads / Cfg::kCopyChunks;      // rows copied per step
+  constexpr int kSteps = (kRows + kRowStep - 1) / kRowStep;
   // Every thread busy and every step whole: true unless head_dim is 96.
-  constexpr bool kExact =
-      kRowStep * Cfg::kCopyChunks == Cfg::kThreads && Cfg::kBlockN % kRowStep == 0;
-  // Bytes between the destinations of consecutive steps, 0 where they are not a constant.
-  constexpr uint32_t kDstStep =
-      !kExact ? 0
-      : Cfg::kFp8
-          ? ((kRowStep * Cfg::kCacheRowBytes) % 1024 == 0 ? kRowStep * Cfg::kCacheRowBytes : 0)
-          : (kRowStep % 8 == 0 ? kRowStep * Cfg::kRowBytes : 0);
+  constexpr bool kExact = kRowStep * Cfg::kCopyChunks == kCopyThreads && kRows % kRowStep == 0;
+  // Destinations repeat with the swizzle: steps kDstPeriod apart lie a whole number of swizzle
+  // periods (1 KB of an fp8 tile, 8 rows of a 16-bit one) apart, so only the first kDstPeriod
+  // are computed. 0 where the steps are not exact (head_dim 96): every one is computed.
+  constexpr int kDstPeriod = !kExact    ? 0
+                             : Cfg::kFp8 ? 1024 / gcd(1024, kRowStep * Cfg::kCacheRowBytes)
+                                         : 8 / gcd(8, kRowStep);
+  constexpr uint32_t kDstPeriodBytes =
+      kDstPeriod * kRowStep * (Cfg::kFp8 ? Cfg::kCacheRowBytes : Cfg::kRowBytes);
   // Re-read the thread index (volatile: ptxas cannot hoist it) so that the per-thread offsets are
   // recomputed per tile instead of being kept live across the whole K/V loop, where they would
   // crowd out the O accumulators (as in the prefill kernel's load_tile).
   int tid;
   asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
-  const int row0 = tid / Cfg::kCopyChunks;
-  const int chunk = tid % Cfg::kCopyChunks;
+  const int thread = kPerWarp ? tid & 31 : tid;
+  const int row0 = (kPerWarp ? (tid >> 5) * kRows : 0) + thread / Cfg::kCopyChunks;
+  const int chunk = thread % Cfg::kCopyChunks;
   const int col = chunk * Cfg::kCopyElems;
   const E* k = static_cast<const E*>(p.k_cache) + kv_head * p.k_head_stride + col;
   const E* v = static_cast<const E*>(p.v_cache) + kv_head * p.v_head_stride + col;
@@ -499,11 +510,13 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
     new_v = static_cast<const E*>(p.new_v) + b * p.new_v_batch_stride +
             kv_head * p.new_v_head_stride + col;
   }
-  uint32_t dst0 = 0;
-  if constexpr (kDstStep != 0) {
-    dst0 = Cfg::kFp8 ? fp8_chunk_offset<Cfg>(row0, chunk)
-                     : tile_offset<Cfg, Cfg::kBlockN>(row0, chunk);
-  }
+  const auto dst_of = [&](int i) {
+    return Cfg::kFp8 ? fp8_chunk_offset<Cfg>(row0 + i * kRowStep, chunk)
+                     : tile_offset<Cfg, Cfg::kBlockN>(row0 + i * kRowStep, chunk);
+  };
+  uint32_t dst_first[kDstPeriod > 0 ? kDstPeriod : 1];
+#pragma unroll
+  for (int i = 0; i < kDstPeriod; ++i) dst_first[i] = dst_of(i);
   // The layout is tested once per tile, not per copy: each has its own unrolled loop, which
   // calls `copy(i, valid, k_src, v_src)` for its steps.
   auto copy = [&](int i, bool valid, const E* k_src, const E* v_src) {
@@ -512,19 +525,18 @@ __device__ __forceinline__ void load_kv_tile(uint32_t s_k, uint32_t s_v, const D
       v_src = new_v;
     }
     uint32_t dst;
-    if constexpr (kDstStep != 0) {
-      dst = dst0 + i * kDstStep;
-    } else if constexpr (Cfg::kFp8) {
-      dst = fp8_chunk_offset<Cfg>(row0 + i * kRowStep, chunk);
+    if constexpr (kDstPeriod > 0) {
+      dst = dst_first[i % kDstPeriod] + (i / kDstPeriod) * kDstPeriodBytes;
     } else {
-      dst = tile_offset<Cfg, Cfg::kBlockN>(row0 + i * kRowStep, chunk);
+      dst = dst_of(i);
     }
     cp_async_16(s_k + dst, k_src, valid);
     cp_async_16(s_v + dst, v_src, valid);
   };
   // Whether step i is a copy of this thread (always, unless head_dim is 96).
   auto active = [&](int i) {
-    return kExact || (tid < kRowStep * Cfg::kCopyChunks && row0 + i * kRowStep < Cfg::kBlockN);
+    return kExact || (thread < kRowStep * Cfg::kCopyChunks &&
+                      thread / Cfg::kCopyChunks + i * kRowStep < kRows);
   };
   if (paged) {
     // Block strides fit 32 bits too (the launcher checks): one 32 x 32 -> 64-bit product each.
@@ -987,7 +999,9 @@ __device__ __forceinline__ void attend_tile_key_major(
     [[maybe_unused]] uint32_t kw[2][Cfg::kHeadDim / 16];
     if constexpr (Cfg::kFp8) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) load_fp8_pieces<Fo::kKBytes>(kw[h], s_k + mi * kTileShift, fo.k[h]);
+      for (int h = 0; h < 2; ++h) {
+        load_fp8_pieces<Fo::kKBytes>(kw[h], s_k + mi * kTileShift, fo.k[h]);
+      }
     }
 #pragma unroll
     for (int ks = 0; ks < Cfg::kHeadDim / 16; ++ks) {
@@ -1106,6 +1120,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     decode_attention_kernel(const __grid_constant__ DecodeParams p) {
   using T = typename Cfg::T;
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kStages = Cfg::kStages;
+  // The decode layout's warps each read only their own kWarpKeys rows of a K/V tile, so each
+  // copies its own rows and waits only for its own copies: four pipelines that drift apart
+  // instead of one that waits for its slowest warp at a CTA barrier every tile (that barrier
+  // held 36% of the stall samples of a 9:3 batch-1 decode under ncu, session 23).
+  constexpr bool kWarpPipeline = Cfg::kWarpsM == 1;
   extern __shared__ __align__(128) unsigned char smem[];
 
   allow_dependent_launch();
@@ -1232,8 +1251,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     for (int s = 0; s < kStages - 1; ++s) {
       if (t_begin + s < t_end) {
         const uint32_t st = s_stages + s * Cfg::kStageBytes;
-        load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, pages, b, kv_head, t_begin + s,
-                          seqlen_k, new_pos);
+        load_kv_tile<Cfg, kWarpPipeline>(st, st + Cfg::kRawTileBytes, p, pages, b, kv_head,
+                                         t_begin + s, seqlen_k, new_pos);
       }
       cp_async_commit();
     }
@@ -1263,16 +1282,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     int stage = 0;
     for (int t = t_begin; t < t_end; ++t) {
       // Tile t has landed for every thread, and every warp is done with tile t - 1, whose stage
-      // the next copies overwrite.
+      // the next copies overwrite (with kWarpPipeline: for every lane of the warp, its rows).
       cp_async_wait<kStages - 2>();
-      __syncthreads();
+      if constexpr (kWarpPipeline) {
+        __syncwarp();
+      } else {
+        __syncthreads();
+      }
       {
         const int ahead = t + kStages - 1;
         const int ahead_stage = stage == 0 ? kStages - 1 : stage - 1;
         if (ahead < t_end) {
           const uint32_t st = s_stages + ahead_stage * Cfg::kStageBytes;
-          load_kv_tile<Cfg>(st, st + Cfg::kRawTileBytes, p, pages, b, kv_head, ahead,
-                            seqlen_k, new_pos);
+          load_kv_tile<Cfg, kWarpPipeline>(st, st + Cfg::kRawTileBytes, p, pages, b, kv_head,
+                                           ahead, seqlen_k, new_pos);
         }
         cp_async_commit();
       }
@@ -1282,6 +1305,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       if (new_pos >= 0 && t == new_pos / kBN) {  // the tile holding the new token
         const int row = new_pos - t * kBN;
         unsigned char* k_tile = smem + (s_k - s_q);
+        // All threads work on the new row, which one warp copied.
+        if constexpr (kWarpPipeline) __syncthreads();
         if constexpr (Cfg::kFp8) {
           quantize_new_row<Cfg>(k_tile, smem + (s_v - s_q), row, p, pages, b, kv_head,
                                 new_pos, m_block == 0, tid);
@@ -1295,6 +1320,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
             store_new_row<Cfg>(k_tile, smem + (s_v - s_q), row, p, pages, b, kv_head, new_pos,
                                tid);
           }
+          // The row's warp may copy the next tiles into this stage once the others read it.
+          if constexpr (kWarpPipeline) __syncthreads();
         }
       }
 

@@ -56,29 +56,42 @@ __device__ __forceinline__ void merge_row(const States& states, const StateRows<
   // Each state's load is a round trip to L2; a loop that waits for one state before asking for
   // the next pays that latency once per state, which at 32 splits cost more than the whole K/V
   // stream of a 4k-key decode. So the lse of 32 states are read per warp load (lane l reads
-  // state s0 + l), first for the common maximum, then to find the states that saw keys; only
-  // those rows are read, kBatch states at a time, all in flight together. Empty states are
-  // common: the split count is planned from the cache's capacity (so that CUDA graphs can be
-  // captured), and a short sequence leaves most splits without keys.
+  // state s0 + l), those of the first kLseGroups groups all at once, first for the common
+  // maximum, then to find the states that saw keys; only those rows are read, kBatch states at
+  // a time, all in flight together. The round trips are what the last split's fold costs (at
+  // batch 1 and 84 splits, 11 of them before the lse loads were issued together and the
+  // batches doubled, 4 after). Empty states are common: the split count is planned from the
+  // cache's capacity (so that CUDA graphs can be captured), and a short sequence leaves most
+  // splits without keys.
+  constexpr int kLseGroups = 4;
   const int count = states.size();
   const auto state_lse = [&](int s) {
     if (s >= count) return -INFINITY;
     const StateRows<const TIn> st = states.state(s);
     return load_value(st.lse + b * st.lse_batch_stride + head * st.lse_head_stride + pos);
   };
-  const float first_lse = state_lse(lane);  // states 0..31, kept for the second pass
-  float top = first_lse;
-  for (int s0 = 32; s0 < count; s0 += 32) top = fmaxf(top, state_lse(s0 + lane));
+  float group_lse[kLseGroups];  // states 32 g + lane, kept for the second pass
+#pragma unroll
+  for (int g = 0; g < kLseGroups; ++g) group_lse[g] = state_lse(32 * g + lane);
+  float top = -INFINITY;
+#pragma unroll
+  for (int g = 0; g < kLseGroups; ++g) top = fmaxf(top, group_lse[g]);
+  for (int s0 = 32 * kLseGroups; s0 < count; s0 += 32) top = fmaxf(top, state_lse(s0 + lane));
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1)
     top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
 
-  // About 32 row values per lane in flight per batch.
-  constexpr int kBatch = kPerLane >= 32 ? 1 : 32 / kPerLane;
+  // About 64 row values per lane in flight per batch.
+  constexpr int kBatch = kPerLane >= 64 ? 1 : (64 / kPerLane < 32 ? 64 / kPerLane : 32);
   float sum = 0.f;  // sum of exp(lse_s - top)
   float acc[kPerLane] = {};
   for (int s0 = 0; s0 < count; s0 += 32) {
-    const float my_lse = s0 == 0 ? first_lse : state_lse(s0 + lane);
+    float my_lse = -INFINITY;
+#pragma unroll
+    for (int g = 0; g < kLseGroups; ++g) {
+      if (s0 == 32 * g) my_lse = group_lse[g];
+    }
+    if (s0 >= 32 * kLseGroups) my_lse = state_lse(s0 + lane);
     // States of this group of 32 with keys (lse = -inf weighs nothing; its o may hold anything).
     uint32_t live = __ballot_sync(0xffffffffu, my_lse != -INFINITY);
     while (live != 0) {  // warp-uniform: every lane holds the same mask
