@@ -26,7 +26,9 @@
 //       - append / chunked prefill / tree (> 16 rows): 4 x 1, 64 rows, each warp 16 rows over
 //         the whole K/V tile (FlashAttention-2's split of the work).
 //   * K/V tiles stream through a multi-stage cp.async pipeline (16-byte copies, coalesced along
-//     head_dim, kStages - 1 tiles in flight while one is computed). A paged cache differs only
+//     head_dim, kStages - 1 tiles in flight while one is computed); in the decode layout each
+//     warp copies and waits for its own quarter of every tile, with no CTA barrier per tile
+//     (kWarpPipeline). A paged cache differs only
 //     in where row j lives: block block_table[b, j / page_size], slot j % page_size, so a tile
 //     may span several pages (any page size that is a multiple of 16). Rows past the sequence
 //     end are zero-filled, never read.
