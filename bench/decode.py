@@ -125,7 +125,7 @@ def _sdpa_reference(q, k, v, mask):
 # Providers: ember ones take the ``_cache_inputs`` tuple, anchors the ``_sdpa_inputs`` one
 # ----------------------------------------------------------------------------------------------
 
-def _ember_providers(backends, head_dim, *, public):
+def _ember_providers(backends, head_dim, *, public, num_splits=0):
     import ember.ops
     from ember.ops import _registry
     from ember.ops.attention import _check_options
@@ -145,7 +145,7 @@ def _ember_providers(backends, head_dim, *, public):
         kernel = _registry.implementation(OP, backend)
         providers[f"ember-{backend}-kernel"] = (
             lambda q, kc, vc, lens, table, ks, vs, f=kernel:
-            f(q, kc, vc, lens, table, scale, causal, left, right, 0,
+            f(q, kc, vc, lens, table, scale, causal, left, right, num_splits,
               kc.shape[1] * (1 if table is None else table.shape[1]), None, ks, vs))
     return providers
 

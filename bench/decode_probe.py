@@ -72,22 +72,16 @@ def kernel_rows(backend: str) -> list:
 
 def split_rows(backend: str) -> list:
     """Forced split counts against the plan's (0) on SPLIT_SHAPES, GB/s of the kernel."""
-    from ember.ops import _registry
     from ember.ops._split_kv import sm_count
-    from ember.ops.attention import _check_options
 
-    implementation = _registry.implementation(decode.OP, backend)
     sms = sm_count(torch.device("cuda"))
     rows = []
     for heads_q, heads_kv, head_dim, batch, length, paged, cache_dtype in SPLIT_SHAPES:
-        options = _check_options(decode.OP, None, True, (-1, -1), head_dim)
         work = batch * heads_kv
         counts = [0] + sorted({min(128, max(1, k * sms // work)) for k in (1, 2, 3, 4)})
         for splits in counts:
-            def kernel(q, kc, vc, lens, table, ks, vs, s=splits, o=options):
-                return implementation(q, kc, vc, lens, table, *o, s,
-                                      kc.shape[1] * (1 if table is None else table.shape[1]),
-                                      None, ks, vs)
+            kernel = decode._ember_providers([backend], head_dim, public=False,
+                                             num_splits=splits)[f"ember-{backend}-kernel"]
             us, gb_s, error = time_kernel(
                 kernel, (heads_q, heads_kv, head_dim, batch, length, paged), cache_dtype)
             rows.append({"shape": f"{heads_q}:{heads_kv} d={head_dim} {batch}x{length} "

@@ -454,8 +454,8 @@ struct PageList {
 // same barriers, as the tile's math, and at d = 64 it was 40% of a tile's instructions (sm_90a
 // SASS, ~45 per K/V copy pair: the swizzled destination, a 64-bit block product and a row
 // product per copy). A thread copies one 16-byte chunk column of rows row0 + i * kRowStep:
-//   * the destinations of its copies are the first one's plus constants wherever kRowStep rows
-//     span whole swizzle periods (every head dim but 96, and 256 at 16 bits);
+//   * its destinations are computed for the first kDstPeriod copies only, those of later copies
+//     being the same plus whole swizzle periods (every head dim but 96);
 //   * contiguous caches: the sources are the first one's plus i row steps, a 64-bit add;
 //   * paged caches: block_table[b, key / page_size] times the block stride plus the slot times
 //     the row stride, each a 32 x 32 -> 64-bit product (entries are non-negative, and both
@@ -751,7 +751,8 @@ __device__ __forceinline__ void load_q_frag(uint32_t (&q)[Cfg::kKeyMajor ? 2 : 4
 }
 
 // Scores into log2 units (first, so that the scale's sign cannot upset the max), then the
-// mask. Element e of score tile i is row (lane_row) kRow(e) against key key_of(i, e).
+// mask. Element e of score tile i is this lane's row r (lane_row: e >> 1 row-major, e & 1
+// key-major) against key key_of(i, e).
 template <class Cfg, bool kMask, class KeyOf>
 __device__ __forceinline__ void scale_and_mask(float (&s)[Cfg::kSTiles][4], const RowMask& rm,
                                                const float (&scale_log2)[2], KeyOf key_of) {
