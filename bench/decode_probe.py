@@ -34,7 +34,8 @@ SHAPES = (
     (9, 3, 64, 32, 4096, False), (9, 3, 64, 1, 131072, False), (9, 3, 64, 16, 32768, False),
     (9, 3, 128, 1, 131072, False), (9, 3, 128, 32, 4096, False),
     (32, 8, 128, 32, 4096, False), (32, 8, 128, 1, 32768, False), (32, 8, 128, 16, 32768, False),
-    (32, 8, 128, 32, 4096, True), (32, 8, 64, 32, 4096, True), (32, 8, 64, 1, 384, True),
+    (32, 8, 128, 32, 4096, True), (32, 8, 64, 32, 4096, True), (9, 3, 64, 32, 4096, True),
+    (32, 8, 64, 128, 1024, False), (32, 8, 64, 128, 1024, True), (32, 8, 64, 1, 384, True),
 )
 CACHES = (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))
 # (heads_q, heads_kv, head_dim, batch, cache length, paged, cache dtype) of the split sweep.

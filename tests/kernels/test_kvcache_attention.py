@@ -285,6 +285,14 @@ GPU_CASES = {
     "b7-d256-paged16": Case(batch=7, cache_lens=(257, 4096), heads=(8, 2), head_dim=256,
                             block_size=16),
     "b7-d96": Case(batch=7, cache_lens=(1, 300), heads=(9, 3), head_dim=96),
+    # 48-key pages (a multiple of 16, not a power of two): the CUDA copies look a page up once
+    # per 16 keys of a thread's rows; a window and splits start tiles mid-page.
+    "b7-paged48-window-splits": Case(batch=7, cache_lens=(4097, 300, 47, 1), heads=(32, 8),
+                                     block_size=48, window=(700, -1), num_splits=5),
+    "b7-fp8-paged48-gqa9:3": Case(batch=7, cache_lens=(2049, 48, 4000), heads=(9, 3),
+                                  block_size=48, fp8=True, new_kv=False),
+    "b7-d96-paged48": Case(batch=7, cache_lens=(1, 300, 1000), heads=(9, 3), head_dim=96,
+                           block_size=48),
     # A Llama decode step with rotary: one CUDA kernel rotates, stores and attends.
     "b7-rotary-neox-gqa32:8-paged16": Case(batch=7, cache_lens=(383, 0, 4095, 64, 1),
                                            heads=(32, 8), causal=True, block_size=16,
