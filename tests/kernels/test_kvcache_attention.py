@@ -651,11 +651,13 @@ def test_split_plan_invariants(num_sms, batch, heads_kv, max_len):
     tiles = math.ceil(max_len / block_n)
     plan = _split_kv.plan_splits(num_sms, batch, heads_kv, max_len, block_n)
     assert 1 <= plan.num_splits <= min(tiles, _split_kv.MAX_AUTO_SPLITS)
-    # The splits cover every tile, and none of them is empty for the longest sequence.
+    # The splits cover every tile, and none of them is empty for the longest sequence, unless
+    # the plan is one program per SM.
     assert plan.tiles_per_split * plan.num_splits >= tiles
-    assert plan.tiles_per_split * (plan.num_splits - 1) < tiles
-    assert plan.unsplit_tiles == _split_kv.MAX_UNSPLIT_KEYS // block_n
     work = batch * heads_kv
+    if plan.tiles_per_split * (plan.num_splits - 1) >= tiles:
+        assert 0.99 * num_sms <= work * plan.num_splits <= num_sms
+    assert plan.unsplit_tiles == _split_kv.MAX_UNSPLIT_KEYS // block_n
     if work >= _split_kv.FULL_ENOUGH * _split_kv.PROGRAMS_PER_SM * num_sms:
         assert plan.num_splits == 1, "a full GPU gains nothing from splitting"
     # Never launch many more programs than the GPU runs at once only to split further.
@@ -710,6 +712,17 @@ def test_split_plan_fills_the_gpu_for_long_single_sequences():
     assert plan.num_splits * 8 >= 0.8 * _split_kv.PROGRAMS_PER_SM * 132
     # More sequences leave less to split.
     assert _split_kv.plan_splits(132, 8, 8, 32768, 64).num_splits < plan.num_splits
+
+
+def test_split_plan_takes_one_program_per_sm_where_the_heads_divide_the_sms():
+    # GQA 9:3 at batch 1 on an H100: 44 splits x 3 kv heads = 132 CTAs, one on every SM.
+    for max_len in (4096, 32768, 131072):
+        assert _split_kv.plan_splits(132, 1, 3, max_len, 64).num_splits == 44
+    assert _split_kv.plan_splits(108, 1, 3, 131072, 64).num_splits == 36
+    # 8 kv heads: 16 splits would leave 4 SMs idle, so two programs an SM (about 264).
+    assert _split_kv.plan_splits(132, 1, 8, 131072, 64).num_splits == 32
+    # Too few tiles for a split on every SM: fewer splits, as before.
+    assert _split_kv.plan_splits(132, 1, 3, 1024, 64).num_splits <= 16
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 64, 1000])

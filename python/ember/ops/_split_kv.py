@@ -62,6 +62,17 @@ FULL_ENOUGH = 0.8
 # Among split counts, take the smallest whose wave efficiency is this close to the best one
 # (close: the kernel is memory-bound, so idle SMs cost more than a bigger workspace).
 EFFICIENCY_SLACK = 0.95
+# One program per SM instead, where the (sequence, kv head) pairs divide the SMs into a split
+# count that leaves at most 1% of them idle: as balanced as two an SM, with half the splits,
+# which measured faster at every length. H100, graph-timed CUDA kernel, batch 1, GQA 9:3 (3 kv
+# heads: 44 splits, 132 CTAs, against the two-an-SM plan's 64 to 86), us: d=64 bf16 4k 10.1 ->
+# 8.4, 32k 20.7 -> 16.7, 128k 44.9 -> 41.7 (paged 45.7 -> 42.8), fp8 128k 30.9 -> 27.2; d=128
+# bf16 4k 13.6 -> 10.1, 32k 30.3 -> 25.9, 128k 81.4 -> 74.6, fp8 128k 48.5 -> 43.5
+# (bench/results/decode_probe_s25_h100.md). Not where the fit is loose: with 8 kv heads, 16
+# splits (128 CTAs, 4 SMs idle) won at 4k keys (-8 to -10%) but lost at 128k (+2 to +6%) and
+# on fp8 caches at 32k (+10%). With few tiles some of the splits hold none (4k keys: 64 tiles
+# in 44 splits of 2, 32 live): those leave at once.
+ONE_PER_SM_FILL = 0.99
 # When kernels run under the Triton CPU interpreter there are no SMs; plan as for an H100
 # (132 SMs), so the CPU tests take the same split decisions as the reference GPU.
 NOMINAL_SMS = 132
@@ -118,6 +129,10 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
     work = batch * heads_kv * m_blocks
     if tiles == 1 or work == 0 or work >= FULL_ENOUGH * slots:
         return SplitPlan(1, tiles, unsplit)
+
+    one_per_sm = min(MAX_AUTO_SPLITS, tiles, num_sms // work)
+    if work * one_per_sm >= ONE_PER_SM_FILL * num_sms:
+        return SplitPlan(one_per_sm, math.ceil(tiles / one_per_sm), unsplit)
 
     def efficiency(s: int) -> float:
         # Fraction of the last wave of programs that is busy; 1.0 means whole waves.
