@@ -230,6 +230,9 @@ CPU_CASES = {
     "fp8-contiguous": Case(fp8=True, new_kv=False, cache_lens=(90, 33)),
     "fp8-paged-splits": Case(fp8=True, new_kv=False, block_size=16, heads=(6, 3),
                              cache_lens=(130, 20), num_splits=3),
+    # The planned split count with one program per SM: 3 kv heads x 44 splits = 132 (the CPU
+    # plans for an H100), 46 tiles, so the last splits hold none.
+    "planned-one-per-sm-gqa9:3": Case(batch=1, cache_lens=(2900,), heads=(9, 3), new_kv=False),
 }
 
 
