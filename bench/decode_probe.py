@@ -73,13 +73,14 @@ def kernel_rows(backend: str) -> list:
 
 def split_rows(backend: str) -> list:
     """Forced split counts against the plan's (0) on SPLIT_SHAPES, GB/s of the kernel."""
-    from ember.ops._split_kv import sm_count
+    from ember.ops._split_kv import MAX_AUTO_SPLITS, sm_count
 
     sms = sm_count(torch.device("cuda"))
     rows = []
     for heads_q, heads_kv, head_dim, batch, length, paged, cache_dtype in SPLIT_SHAPES:
         work = batch * heads_kv
-        counts = [0] + sorted({min(128, max(1, k * sms // work)) for k in (1, 2, 3, 4)})
+        counts = [0] + sorted({min(MAX_AUTO_SPLITS, max(1, k * sms // work))
+                                 for k in (1, 2, 3, 4)})
         for splits in counts:
             kernel = decode._ember_providers([backend], head_dim, public=False,
                                              num_splits=splits)[f"ember-{backend}-kernel"]

@@ -459,7 +459,8 @@ struct PageList {
 //   * contiguous caches: the sources are the first one's plus i row steps, a 64-bit add;
 //   * paged caches: block_table[b, key / page_size] times the block stride plus the slot times
 //     the row stride, each a 32 x 32 -> 64-bit product (entries are non-negative, and both
-//     strides fit 32 bits: the launcher checks).
+//     strides fit 32 bits: the launcher checks), looked up once per 16 keys of the thread's
+//     rows, the other copies of those 16 keys a row step on.
 //
 // kPerWarp (the decode layout, whose warps each read their own kWarpKeys rows of every tile):
 // each warp copies its own rows, so that it waits for no other warp's copies (see the K/V loop).

@@ -659,7 +659,7 @@ def test_split_plan_invariants(num_sms, batch, heads_kv, max_len):
     assert plan.tiles_per_split * plan.num_splits >= tiles
     work = batch * heads_kv
     if plan.tiles_per_split * (plan.num_splits - 1) >= tiles:
-        assert 0.99 * num_sms <= work * plan.num_splits <= num_sms
+        assert _split_kv.ONE_PER_SM_FILL * num_sms <= work * plan.num_splits <= num_sms
     assert plan.unsplit_tiles == _split_kv.MAX_UNSPLIT_KEYS // block_n
     if work >= _split_kv.FULL_ENOUGH * _split_kv.PROGRAMS_PER_SM * num_sms:
         assert plan.num_splits == 1, "a full GPU gains nothing from splitting"
