@@ -57,20 +57,7 @@ void bind_decode(py::module_& m) {
         p.max_blocks = max_blocks;
         p.capacity = capacity;
         // (batch, row, head) strides in elements; for a paged cache, (block, slot, head).
-        p.q_batch_stride = stride_arg(q_strides, 0);
-        p.q_row_stride = stride_arg(q_strides, 1);
-        p.q_head_stride = stride_arg(q_strides, 2);
-        p.k_batch_stride = stride_arg(k_strides, 0);
-        p.k_row_stride = stride_arg(k_strides, 1);
-        p.k_head_stride = stride_arg(k_strides, 2);
-        p.v_batch_stride = stride_arg(v_strides, 0);
-        p.v_row_stride = stride_arg(v_strides, 1);
-        p.v_head_stride = stride_arg(v_strides, 2);
-        p.o_batch_stride = stride_arg(out_strides, 0);
-        p.o_row_stride = stride_arg(out_strides, 1);
-        p.o_head_stride = stride_arg(out_strides, 2);
-        p.lse_batch_stride = stride_arg(lse_strides, 0);
-        p.lse_head_stride = stride_arg(lse_strides, 1);
+        set_attention_strides(p, q_strides, k_strides, v_strides, out_strides, lse_strides);
         // (split, batch, row, head) and (split, batch, head); ignored with one split.
         p.part_split_stride = stride_arg(part_strides, 0);
         p.part_batch_stride = stride_arg(part_strides, 1);

@@ -29,16 +29,7 @@ void bind_kvcache(py::module_& m) {
         p.num_heads = num_heads;
         p.head_dim = head_dim;
         p.block_size = block_size;
-        p.k_stride_token = stride_arg(k_strides, 0);
-        p.k_stride_head = stride_arg(k_strides, 1);
-        p.v_stride_token = stride_arg(v_strides, 0);
-        p.v_stride_head = stride_arg(v_strides, 1);
-        p.kc_stride_block = stride_arg(kc_strides, 0);
-        p.kc_stride_slot = stride_arg(kc_strides, 1);
-        p.kc_stride_head = stride_arg(kc_strides, 2);
-        p.vc_stride_block = stride_arg(vc_strides, 0);
-        p.vc_stride_slot = stride_arg(vc_strides, 1);
-        p.vc_stride_head = stride_arg(vc_strides, 2);
+        set_cache_write_strides(p, k_strides, v_strides, kc_strides, vc_strides);
         store_kvcache(p, input_dtype, cache_dtype, stream);
       },
       "Scatter K/V rows into a paged cache (raw pointers; use ember.ops.store_kvcache)");

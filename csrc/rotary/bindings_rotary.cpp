@@ -73,16 +73,7 @@ void bind_rotary(py::module_& m) {
         p.slot_stride = slot_stride;
         p.q_stride_token = stride_arg(q_strides, 0);
         p.q_stride_head = stride_arg(q_strides, 1);
-        p.k_stride_token = stride_arg(k_strides, 0);
-        p.k_stride_head = stride_arg(k_strides, 1);
-        p.v_stride_token = stride_arg(v_strides, 0);
-        p.v_stride_head = stride_arg(v_strides, 1);
-        p.kc_stride_block = stride_arg(kc_strides, 0);
-        p.kc_stride_slot = stride_arg(kc_strides, 1);
-        p.kc_stride_head = stride_arg(kc_strides, 2);
-        p.vc_stride_block = stride_arg(vc_strides, 0);
-        p.vc_stride_slot = stride_arg(vc_strides, 1);
-        p.vc_stride_head = stride_arg(vc_strides, 2);
+        set_cache_write_strides(p, k_strides, v_strides, kc_strides, vc_strides);
         p.is_neox = is_neox;
         rotary_embedding_and_store_kvcache(p, dtype, cos_sin_dtype, cache_dtype, positions_int64,
                                            stream);
