@@ -726,6 +726,10 @@ def test_split_plan_takes_one_program_per_sm_where_the_heads_divide_the_sms():
     assert _split_kv.plan_splits(132, 1, 8, 131072, 64).num_splits == 32
     # Too few tiles for a split on every SM: fewer splits, as before.
     assert _split_kv.plan_splits(132, 1, 3, 1024, 64).num_splits <= 16
+    # A kernel whose programs do not stream well alone (Triton on fp8 caches) keeps two an SM.
+    for max_len in (32768, 131072):
+        plan = _split_kv.plan_splits(132, 1, 3, max_len, 128, alone_streams=False)
+        assert plan.num_splits == 86
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 64, 1000])

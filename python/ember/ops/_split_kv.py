@@ -77,6 +77,12 @@ EFFICIENCY_SLACK = 0.95
 # splits (128 CTAs, 4 SMs idle) won at 4k keys (-8 to -10%) but lost at 128k (+2 to +6%) and
 # on fp8 caches at 32k (+10%). With few tiles some of the splits hold none (4k keys: 64 tiles
 # in 44 splits of 2, 32 live): those leave at once.
+# Only for programs that stream well alone on an SM (``alone_streams``): the Triton kernel on
+# fp8 caches does not. Forced to 44 splits instead of the two-an-SM 86 (H100, graph-timed, us,
+# 9:3 batch 1), its fp8 programs took 47.4 instead of 36.9 at d=64 128k (paged 55.5 / 41.8),
+# 66.2 / 56.8 at d=128 128k, and about the same at 32k; its bf16 programs, like the CUDA
+# kernel's, were faster alone (d=64 128k 40.6 / 42.9, d=128 32k 25.3 / 27.4;
+# bench/results/decode_probe_s28_h100.md).
 ONE_PER_SM_FILL = 0.99
 # When kernels run under the Triton CPU interpreter there are no SMs; plan as for an H100
 # (132 SMs), so the CPU tests take the same split decisions as the reference GPU.
@@ -112,7 +118,7 @@ def sm_count(device: torch.device) -> int:
 
 
 def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, block_n: int, *,
-                num_splits: int = 0, m_blocks: int = 1) -> SplitPlan:
+                num_splits: int = 0, m_blocks: int = 1, alone_streams: bool = True) -> SplitPlan:
     """Choose the split count of the KV range, or take the caller's ``num_splits`` if > 0.
 
     Args:
@@ -123,6 +129,8 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
         num_splits: 0 chooses; a positive value is honoured as given, even if it exceeds the
             number of tiles (the extra splits are empty).
         m_blocks: query-row blocks per (sequence, kv head), which already multiply the programs.
+        alone_streams: whether one of the kernel's programs alone on an SM keeps it streaming;
+            if not, the one-program-per-SM plan (ONE_PER_SM_FILL) is never taken.
 
     Returns a ``SplitPlan``; ``tiles_per_split`` is ``ceil(tiles / num_splits)`` (at least 1).
     """
@@ -136,7 +144,7 @@ def plan_splits(num_sms: int, batch: int, heads_kv: int, max_seqlen_k: int, bloc
         return SplitPlan(1, tiles, unsplit)
 
     one_per_sm = min(MAX_AUTO_SPLITS, tiles, num_sms // work)
-    if work * one_per_sm >= ONE_PER_SM_FILL * num_sms:
+    if alone_streams and work * one_per_sm >= ONE_PER_SM_FILL * num_sms:
         return SplitPlan(one_per_sm, math.ceil(tiles / one_per_sm), unsplit)
 
     def efficiency(s: int) -> float:
