@@ -80,8 +80,8 @@ EFFICIENCY_SLACK = 0.95
 # Only for programs that stream well alone on an SM (``alone_streams``): the Triton kernel on
 # fp8 caches does not. Forced to 44 splits instead of the two-an-SM 86 (H100, graph-timed, us,
 # 9:3 batch 1), its fp8 programs took 47.4 instead of 36.9 at d=64 128k (paged 55.5 / 41.8),
-# 66.2 / 56.8 at d=128 128k, and about the same at 32k; its bf16 programs, like the CUDA
-# kernel's, were faster alone (d=64 128k 40.6 / 42.9, d=128 32k 25.3 / 27.4;
+# 66.2 / 56.8 at d=128 128k, and from 2% less to 11% more at 32k; its bf16 programs, like
+# the CUDA kernel's, were faster alone (d=64 128k 40.6 / 42.9, d=128 32k 25.3 / 27.4;
 # bench/results/decode_probe_s28_h100.md).
 ONE_PER_SM_FILL = 0.99
 # When kernels run under the Triton CPU interpreter there are no SMs; plan as for an H100
